@@ -1,0 +1,755 @@
+//! The shared token state: one cache, any number of services.
+//!
+//! Reading the current token is the hot path of every request, so it takes no lock: the current
+//! token lives in an atomically swapped `Arc` and a reader only loads it and checks the clock.
+//! Everything else happens on the rare slow path, under a mutex that is never held across an
+//! `.await`:
+//!
+//! - **Single flight.** However many requests find the token stale at once, one provider call
+//!   runs; the others wait on the same shared future.
+//! - **Two windows before expiry** (the lesson of aws-smithy-runtime). In the *advisory* window
+//!   one background refresh starts while every request keeps using the still-valid token; in the
+//!   *mandatory* window (the clock-skew buffer) requests wait for the new token.
+//! - **Survives cancellation.** The refresh runs on its own task, so dropping the request that
+//!   started it changes nothing for the others, and the cache can never be left "refreshing"
+//!   forever.
+//! - **Failure backoff and timeout.** A provider call is bounded by a timeout; after a failure the
+//!   next call waits for a backoff that doubles up to a cap, so a struggling identity provider is
+//!   not hammered by every request.
+//! - **Generations.** Every token gets a generation number. A 401 invalidates the token only if
+//!   it is still the current one, so a burst of 401s for an old token costs no extra refresh
+//!   (the Azure SDK lesson).
+
+use std::cmp;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use futures::future::{FutureExt, Shared};
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use crate::error::AuthError;
+use crate::provider::TokenProvider;
+use crate::Token;
+
+/// Default clock-skew buffer: a token counts as expired this long before its expiry.
+pub const DEFAULT_REFRESH_SKEW: Duration = Duration::from_secs(60);
+/// Default advisory window: one background refresh starts this long before expiry.
+pub const DEFAULT_ADVISORY_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Default bound on one call to the token provider.
+pub const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default wait after the first failed refresh.
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+/// Default longest wait between failed refreshes.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Default authorization scheme.
+pub const DEFAULT_SCHEME: &str = "Bearer";
+
+/// A token cache shared by every service built from it.
+///
+/// Cloning is cheap and every clone shares the same token. Build one cache and hand it to as many
+/// [`AuthLayer`](crate::AuthLayer)s as should share a token: two clients of the same API then
+/// make one token request, not two.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_auth_refresh::{provider_fn, AuthLayer, Token, TokenCache};
+///
+/// let cache = TokenCache::builder(provider_fn(|| async {
+///     Ok::<_, std::io::Error>(Token::new("secret").with_expires_in(Duration::from_secs(3600)))
+/// }))
+/// .refresh_skew(Duration::from_secs(30))
+/// .build();
+///
+/// let for_contacts = AuthLayer::with_cache(cache.clone());
+/// let for_reports = AuthLayer::with_cache(cache.clone());
+/// # drop((for_contacts, for_reports));
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let token = cache.token().await?;
+/// assert_eq!(token.secret(), "secret");
+/// assert_eq!(cache.stats().token_requests, 1);
+/// # Ok::<_, tower_auth_refresh::AuthError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct TokenCache {
+    shared: Arc<CacheShared>,
+}
+
+/// Options of a [`TokenCache`], with documented defaults.
+#[derive(Clone, Debug)]
+struct CacheConfig {
+    refresh_skew: Duration,
+    advisory_window: Duration,
+    refresh_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    scheme: String,
+}
+
+struct CacheShared {
+    /// The current token, or `None` before the first refresh and after a 401 invalidated it.
+    current: ArcSwapOption<Entry>,
+    /// The slow path. Never held across an `.await`.
+    refresh: Mutex<RefreshState>,
+    /// Set while a refresh runs, so requests in the advisory window skip the mutex.
+    refreshing: AtomicBool,
+    next_generation: AtomicU64,
+    provider: Box<dyn TokenProvider>,
+    config: CacheConfig,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct RefreshState {
+    in_flight: Option<RefreshFuture>,
+    /// After a failure: no provider call before this instant.
+    retry_at: Option<Instant>,
+    next_backoff: Duration,
+    last_error: Option<AuthError>,
+}
+
+type RefreshOutcome = Result<Arc<Entry>, AuthError>;
+type RefreshFuture = Shared<Pin<Box<dyn Future<Output = RefreshOutcome> + Send>>>;
+
+/// A token as the cache holds it: with the header value built once, and its refresh deadlines.
+pub(crate) struct Entry {
+    token: Token,
+    header: HeaderValue,
+    generation: u64,
+    /// From here on, one background refresh is due.
+    advisory_at: Option<Instant>,
+    /// From here on, the token is not sent any more: requests wait for a new one.
+    stale_at: Option<Instant>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Freshness {
+    Fresh,
+    Advisory,
+    Stale,
+}
+
+impl Entry {
+    fn new(
+        token: Token,
+        requested_at: Instant,
+        now: Instant,
+        generation: u64,
+        config: &CacheConfig,
+    ) -> Result<Self, AuthError> {
+        let header = header_value(&config.scheme, token.secret())?;
+        let (advisory_at, stale_at) = match token.expires_at_from(requested_at) {
+            None => (None, None),
+            Some(expires_at) if expires_at <= now => {
+                return Err(AuthError::refresh(
+                    "the token provider returned a token that has already expired",
+                ))
+            }
+            Some(expires_at) => {
+                // A token that lives less than the skew is still used for most of its life:
+                // the skew is at most a quarter of the lifetime, the advisory window half.
+                let lifetime = expires_at.saturating_duration_since(requested_at);
+                let skew = cmp::min(config.refresh_skew, lifetime / 4);
+                let advisory = cmp::max(cmp::min(config.advisory_window, lifetime / 2), skew);
+                (
+                    expires_at.checked_sub(advisory),
+                    expires_at.checked_sub(skew),
+                )
+            }
+        };
+        Ok(Self {
+            token,
+            header,
+            generation,
+            advisory_at,
+            stale_at,
+        })
+    }
+
+    fn freshness(&self, now: Instant) -> Freshness {
+        match (self.advisory_at, self.stale_at) {
+            (_, Some(stale_at)) if now >= stale_at => Freshness::Stale,
+            (Some(advisory_at), _) if now >= advisory_at => Freshness::Advisory,
+            _ => Freshness::Fresh,
+        }
+    }
+
+    fn credential(&self) -> Credential {
+        Credential {
+            header: self.header.clone(),
+            generation: self.generation,
+        }
+    }
+}
+
+/// What a request needs from the cache: the header to send and which token it came from.
+#[derive(Clone, Debug)]
+pub(crate) struct Credential {
+    pub(crate) header: HeaderValue,
+    pub(crate) generation: u64,
+}
+
+/// The answer of [`TokenCache::acquire`]: a credential now, or a refresh to wait for.
+pub(crate) enum Acquire {
+    Ready(Credential),
+    Wait(RefreshWait),
+    Failed(AuthError),
+}
+
+/// Waits for the in-flight refresh. Dropping it does not cancel the refresh.
+pub(crate) struct RefreshWait {
+    refresh: RefreshFuture,
+}
+
+impl Future for RefreshWait {
+    type Output = Result<Credential, AuthError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.refresh
+            .poll_unpin(cx)
+            .map(|outcome| outcome.map(|entry| entry.credential()))
+    }
+}
+
+impl fmt::Debug for RefreshWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshWait").finish_non_exhaustive()
+    }
+}
+
+fn header_value(scheme: &str, secret: &str) -> Result<HeaderValue, AuthError> {
+    let mut value = if scheme.is_empty() {
+        HeaderValue::from_str(secret)
+    } else {
+        HeaderValue::from_str(&format!("{scheme} {secret}"))
+    }
+    .map_err(|_| AuthError::InvalidHeaderValue)?;
+    // Control characters other than tab are refused by `from_str` already; a header value may
+    // still not contain anything that would let a token span two headers.
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Counters behind [`CacheStats`].
+#[derive(Default)]
+struct Counters {
+    token_requests: AtomicU64,
+    refresh_failures: AtomicU64,
+    invalidations: AtomicU64,
+    stale_rejections: AtomicU64,
+    replays: AtomicU64,
+}
+
+/// A snapshot of what a [`TokenCache`] has done, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Calls to the token provider.
+    pub token_requests: u64,
+    /// Calls to the token provider that failed (error, timeout, unusable token).
+    pub refresh_failures: u64,
+    /// 401s that invalidated the current token.
+    pub invalidations: u64,
+    /// 401s for a token that had already been replaced: absorbed without a new token request.
+    pub stale_rejections: u64,
+    /// Requests replayed with a new token after a 401.
+    pub replays: u64,
+}
+
+impl TokenCache {
+    /// A cache with the default options over `provider`.
+    pub fn new(provider: impl TokenProvider) -> Self {
+        Self::builder(provider).build()
+    }
+
+    /// Options for a cache over `provider`.
+    pub fn builder(provider: impl TokenProvider) -> TokenCacheBuilder {
+        TokenCacheBuilder {
+            provider: Box::new(provider),
+            config: CacheConfig {
+                refresh_skew: DEFAULT_REFRESH_SKEW,
+                advisory_window: DEFAULT_ADVISORY_WINDOW,
+                refresh_timeout: DEFAULT_REFRESH_TIMEOUT,
+                backoff_initial: DEFAULT_BACKOFF_INITIAL,
+                backoff_max: DEFAULT_BACKOFF_MAX,
+                scheme: DEFAULT_SCHEME.to_owned(),
+            },
+        }
+    }
+
+    /// The current token, refreshing it first if needed.
+    ///
+    /// For code outside a tower stack; [`AuthService`](crate::AuthService) uses the same path.
+    pub async fn token(&self) -> Result<Token, AuthError> {
+        let generation = match self.acquire() {
+            Acquire::Ready(credential) => credential.generation,
+            Acquire::Wait(wait) => wait.await?.generation,
+            Acquire::Failed(error) => return Err(error),
+        };
+        match self.shared.current.load_full() {
+            Some(entry) if entry.generation >= generation => Ok(entry.token.clone()),
+            // Invalidated between the refresh and this read: what the refresh produced is gone.
+            _ => Err(AuthError::refresh(
+                "the token was invalidated while it was being read",
+            )),
+        }
+    }
+
+    /// What the cache has done so far.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.shared.counters;
+        CacheStats {
+            token_requests: c.token_requests.load(Ordering::Relaxed),
+            refresh_failures: c.refresh_failures.load(Ordering::Relaxed),
+            invalidations: c.invalidations.load(Ordering::Relaxed),
+            stale_rejections: c.stale_rejections.load(Ordering::Relaxed),
+            replays: c.replays.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The credential for the next request: the hot path.
+    pub(crate) fn acquire(&self) -> Acquire {
+        {
+            let current = self.shared.current.load();
+            if let Some(entry) = current.as_deref() {
+                let freshness = if entry.stale_at.is_none() {
+                    Freshness::Fresh
+                } else {
+                    entry.freshness(Instant::now())
+                };
+                match freshness {
+                    Freshness::Fresh => return Acquire::Ready(entry.credential()),
+                    Freshness::Advisory => {
+                        if !self.shared.refreshing.load(Ordering::Relaxed) {
+                            self.refresh_in_background(entry.generation);
+                        }
+                        return Acquire::Ready(entry.credential());
+                    }
+                    Freshness::Stale => {}
+                }
+            }
+        }
+        self.acquire_slow()
+    }
+
+    /// The current token is missing or stale: join the refresh, or start it.
+    fn acquire_slow(&self) -> Acquire {
+        let mut state = self.lock_state();
+        let now = Instant::now();
+        // Re-check under the lock: a refresh may have finished while we waited for it.
+        if let Some(entry) = self.shared.current.load().as_deref() {
+            if entry.freshness(now) != Freshness::Stale {
+                return Acquire::Ready(entry.credential());
+            }
+        }
+        if let Some(refresh) = &state.in_flight {
+            return Acquire::Wait(RefreshWait {
+                refresh: refresh.clone(),
+            });
+        }
+        if let Some(error) = backoff_error(&state, now) {
+            return Acquire::Failed(error);
+        }
+        match self.start_refresh(&mut state) {
+            Ok(refresh) => Acquire::Wait(RefreshWait { refresh }),
+            Err(error) => Acquire::Failed(error),
+        }
+    }
+
+    /// Advisory window: start one refresh nobody waits for. Never blocks a request.
+    fn refresh_in_background(&self, generation: u64) {
+        let Ok(mut state) = self.shared.refresh.try_lock() else {
+            return; // someone else is on the slow path and will see to it
+        };
+        let still_current = self
+            .shared
+            .current
+            .load()
+            .as_deref()
+            .is_some_and(|entry| entry.generation == generation);
+        if !still_current
+            || state.in_flight.is_some()
+            || backoff_error(&state, Instant::now()).is_some()
+        {
+            return;
+        }
+        tracing::debug!(
+            generation,
+            "token enters its advisory window, refreshing in the background"
+        );
+        // A failure here keeps the still-valid token in use; the error is recorded for backoff.
+        let _ = self.start_refresh(&mut state);
+    }
+
+    /// A 401 came back for the token of `generation`: forget it, unless it was replaced already.
+    ///
+    /// Returns whether the token was still the current one.
+    pub(crate) fn invalidate(&self, generation: u64) -> bool {
+        let current = self.shared.current.load();
+        let is_current = current
+            .as_deref()
+            .is_some_and(|entry| entry.generation == generation);
+        if is_current {
+            let previous = self.shared.current.compare_and_swap(&*current, None);
+            let swapped = match (previous.as_ref(), current.as_ref()) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            if swapped {
+                self.shared
+                    .counters
+                    .invalidations
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(generation, "token rejected by the API, invalidated");
+                return true;
+            }
+        }
+        self.shared
+            .counters
+            .stale_rejections
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            generation,
+            "rejection of an already replaced token absorbed"
+        );
+        false
+    }
+
+    pub(crate) fn record_replay(&self) {
+        self.shared.counters.replays.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, RefreshState> {
+        // The state stays consistent at every unlock, so a poisoned lock is safe to reuse.
+        self.shared
+            .refresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Start the single refresh. The caller holds the state lock and checked that none runs.
+    fn start_refresh(&self, state: &mut RefreshState) -> Result<RefreshFuture, AuthError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
+        let shared = &self.shared;
+        shared
+            .counters
+            .token_requests
+            .fetch_add(1, Ordering::Relaxed);
+        shared.refreshing.store(true, Ordering::Relaxed);
+        let requested_at = Instant::now();
+        let timeout = shared.config.refresh_timeout;
+        let fetch = std::panic::catch_unwind(AssertUnwindSafe(|| shared.provider.fetch_token()));
+        let weak = Arc::downgrade(shared);
+        tracing::debug!("token refresh started");
+
+        let refresh = async move {
+            let outcome = match fetch {
+                Err(_) => Err(AuthError::ProviderPanicked),
+                Ok(fetch) => match AssertUnwindSafe(tokio::time::timeout(timeout, fetch))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(Ok(Ok(token))) => Ok(token),
+                    Ok(Ok(Err(error))) => Err(AuthError::refresh(error)),
+                    Ok(Err(_elapsed)) => Err(AuthError::RefreshTimeout { timeout }),
+                    Err(_panic) => Err(AuthError::ProviderPanicked),
+                },
+            };
+            finish_refresh(weak, outcome, requested_at)
+        }
+        .boxed()
+        .shared();
+
+        state.in_flight = Some(refresh.clone());
+        // The refresh runs on its own task: dropping the request that started it, or every
+        // request that waits for it, does not cancel it.
+        runtime.spawn(refresh.clone());
+        Ok(refresh)
+    }
+}
+
+fn backoff_error(state: &RefreshState, now: Instant) -> Option<AuthError> {
+    let retry_at = state.retry_at?;
+    let last_error = state.last_error.clone()?;
+    (now < retry_at).then(|| AuthError::Backoff {
+        retry_in: retry_at - now,
+        last_error: Box::new(last_error),
+    })
+}
+
+/// Install the outcome of a refresh. Runs inside the shared refresh future, so exactly once.
+fn finish_refresh(
+    cache: Weak<CacheShared>,
+    outcome: Result<Token, AuthError>,
+    requested_at: Instant,
+) -> RefreshOutcome {
+    let Some(shared) = cache.upgrade() else {
+        // Every handle to the cache is gone: nobody can use the result.
+        return outcome.and_then(|_| Err(AuthError::refresh("the token cache was dropped")));
+    };
+    let now = Instant::now();
+    let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+    let result = outcome
+        .and_then(|token| Entry::new(token, requested_at, now, generation, &shared.config))
+        .map(Arc::new);
+
+    let cache = TokenCache {
+        shared: shared.clone(),
+    };
+    let mut state = cache.lock_state();
+    state.in_flight = None;
+    match &result {
+        Ok(entry) => {
+            shared.current.store(Some(entry.clone()));
+            state.retry_at = None;
+            state.last_error = None;
+            state.next_backoff = shared.config.backoff_initial;
+            tracing::debug!(
+                generation,
+                elapsed = ?now.saturating_duration_since(requested_at),
+                "token refresh finished"
+            );
+        }
+        Err(error) => {
+            let wait = if state.next_backoff.is_zero() {
+                shared.config.backoff_initial
+            } else {
+                state.next_backoff
+            };
+            state.retry_at = now.checked_add(wait);
+            state.next_backoff = cmp::min(wait.saturating_mul(2), shared.config.backoff_max);
+            state.last_error = Some(error.clone());
+            shared
+                .counters
+                .refresh_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                error = %error,
+                cause = error_cause(error).as_deref().unwrap_or("-"),
+                backoff = ?wait,
+                "token refresh failed"
+            );
+        }
+    }
+    shared.refreshing.store(false, Ordering::Relaxed);
+    result
+}
+
+fn error_cause(error: &AuthError) -> Option<String> {
+    std::error::Error::source(error).map(ToString::to_string)
+}
+
+impl fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let current = self.shared.current.load();
+        f.debug_struct("TokenCache")
+            .field("generation", &current.as_deref().map(|e| e.generation))
+            .field(
+                "expires_at",
+                &current.as_deref().and_then(|e| e.token.expires_at()),
+            )
+            .field("config", &self.shared.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Options for a [`TokenCache`]. Every option has a documented default.
+pub struct TokenCacheBuilder {
+    provider: Box<dyn TokenProvider>,
+    config: CacheConfig,
+}
+
+impl TokenCacheBuilder {
+    /// Treat a token as expired this long before its expiry, to absorb clock skew and the time a
+    /// request spends in flight. Requests wait for a new token from then on.
+    ///
+    /// Default: 60 seconds, but never more than a quarter of the token's lifetime, so a
+    /// short-lived token is still used for most of its life.
+    pub fn refresh_skew(mut self, skew: Duration) -> Self {
+        self.config.refresh_skew = skew;
+        self
+    }
+
+    /// Start one background refresh this long before expiry, while requests keep using the
+    /// still-valid token. A failed background refresh keeps that token in use.
+    ///
+    /// Default: 5 minutes, but never more than half of the token's lifetime, and never less
+    /// than the refresh skew.
+    pub fn advisory_window(mut self, window: Duration) -> Self {
+        self.config.advisory_window = window;
+        self
+    }
+
+    /// Give up on a provider call after this long; waiting requests get
+    /// [`AuthError::RefreshTimeout`]. Default: 30 seconds.
+    pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
+        self.config.refresh_timeout = timeout;
+        self
+    }
+
+    /// After a failed refresh, wait `initial` before the next provider call, doubling after each
+    /// further failure up to `max`. Requests that need a token meanwhile get
+    /// [`AuthError::Backoff`] at once. Default: 1 second doubling to 30 seconds.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.config.backoff_initial = initial;
+        self.config.backoff_max = cmp::max(initial, max);
+        self
+    }
+
+    /// The authorization scheme written before the token, as in `Bearer <token>`. An empty scheme
+    /// sends the bare token (for APIs that expect a key in a custom header). Default: `Bearer`.
+    pub fn scheme(mut self, scheme: impl Into<String>) -> Self {
+        self.config.scheme = scheme.into();
+        self
+    }
+
+    /// Build the cache. No token is fetched until the first request needs one.
+    pub fn build(self) -> TokenCache {
+        let next_backoff = self.config.backoff_initial;
+        TokenCache {
+            shared: Arc::new(CacheShared {
+                current: ArcSwapOption::empty(),
+                refresh: Mutex::new(RefreshState {
+                    next_backoff,
+                    ..RefreshState::default()
+                }),
+                refreshing: AtomicBool::new(false),
+                next_generation: AtomicU64::new(0),
+                provider: self.provider,
+                config: self.config,
+                counters: Counters::default(),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for TokenCacheBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCacheBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider_fn;
+    use std::sync::atomic::AtomicUsize;
+
+    fn counting(lifetime: Option<Duration>) -> (TokenCache, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let cache = TokenCache::new(provider_fn(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                let token = Token::new(format!("token-{n}"));
+                Ok::<_, std::io::Error>(match lifetime {
+                    Some(lifetime) => token.with_expires_in(lifetime),
+                    None => token,
+                })
+            }
+        }));
+        (cache, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn windows_follow_the_lifetime() {
+        let (cache, calls) = counting(Some(Duration::from_secs(3600)));
+        assert_eq!(cache.token().await.unwrap().secret(), "token-1");
+        // Fresh for 55 minutes.
+        tokio::time::advance(Duration::from_secs(54 * 60)).await;
+        assert!(matches!(cache.acquire(), Acquire::Ready(_)));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Advisory: served at once, one background refresh.
+        tokio::time::advance(Duration::from_secs(2 * 60)).await;
+        assert!(matches!(cache.acquire(), Acquire::Ready(_)));
+        assert!(matches!(cache.acquire(), Acquire::Ready(_)));
+        tokio::task::yield_now().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.token().await.unwrap().secret(), "token-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_lifetime_is_used_for_most_of_its_life() {
+        let (cache, calls) = counting(Some(Duration::from_secs(20)));
+        cache.token().await.unwrap();
+        // Skew is capped at a quarter (5 s), advisory at half (10 s) of a 20 s lifetime.
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        assert!(matches!(cache.acquire(), Acquire::Ready(_)));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_token_makes_requests_wait() {
+        let (cache, calls) = counting(Some(Duration::from_secs(20)));
+        cache.token().await.unwrap();
+        tokio::time::advance(Duration::from_secs(16)).await;
+        assert!(matches!(cache.acquire(), Acquire::Wait(_)));
+        assert_eq!(cache.token().await.unwrap().secret(), "token-2");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn invalidation_compares_generations() {
+        let (cache, calls) = counting(None);
+        cache.token().await.unwrap();
+        assert!(cache.invalidate(1));
+        assert!(!cache.invalidate(1), "second 401 for the same token");
+        cache.token().await.unwrap();
+        assert!(!cache.invalidate(1), "401 for an old token");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let stats = cache.stats();
+        assert_eq!((stats.invalidations, stats.stale_rejections), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn header_injection_is_refused() {
+        let cache = TokenCache::new(crate::StaticToken::new(Token::new("a\r\nX-Evil: 1")));
+        assert!(matches!(
+            cache.token().await,
+            Err(AuthError::InvalidHeaderValue)
+        ));
+    }
+
+    #[tokio::test]
+    async fn panicking_provider_is_an_error_not_a_wedge() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let cache = TokenCache::builder(provider_fn(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    panic!("provider bug");
+                }
+                Ok::<_, std::io::Error>(Token::new("ok"))
+            }
+        }))
+        .backoff(Duration::ZERO, Duration::ZERO)
+        .build();
+        assert!(matches!(
+            cache.token().await,
+            Err(AuthError::ProviderPanicked)
+        ));
+        assert_eq!(cache.token().await.unwrap().secret(), "ok");
+    }
+
+    #[test]
+    fn no_runtime_is_a_typed_error() {
+        let (cache, _) = counting(None);
+        assert!(matches!(
+            cache.acquire(),
+            Acquire::Failed(AuthError::NoRuntime)
+        ));
+    }
+}

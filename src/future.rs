@@ -1,0 +1,225 @@
+//! The response future of [`AuthService`](crate::AuthService).
+//!
+//! Written by hand, as tower's own futures are, so the common case (token ready, response not a
+//! rejection) is one poll of the inner future with no allocation and no boxing.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::cache::{Acquire, RefreshWait};
+use crate::error::AuthError;
+use crate::layer::AuthSettings;
+use crate::replay::{ReplayBody, ReplayRequest};
+
+pin_project! {
+    /// Response future of [`AuthService`](crate::AuthService).
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        #[pin]
+        state: State<S::Future, B>,
+        // The inner service, kept for the replay; it is polled ready again before it is called.
+        service: Option<S>,
+        replay: Option<ReplayRequest>,
+        // The token generation the first attempt was sent with.
+        generation: u64,
+        settings: Option<Arc<AuthSettings>>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B> {
+        // The first attempt waits for a token.
+        WaitToken {
+            wait: RefreshWait,
+            request: Option<Request<ReplayBody<B>>>,
+        },
+        First {
+            #[pin]
+            future: F,
+        },
+        // The token was rejected; the replay waits for the new one.
+        WaitReplayToken {
+            wait: RefreshWait,
+        },
+        // The replay waits for the inner service to be ready.
+        ReplayReady {
+            credential: Option<HeaderValue>,
+        },
+        Replay {
+            #[pin]
+            future: F,
+        },
+        Failed {
+            error: Option<AuthError>,
+        },
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    /// A request that is never replayed: only the inner future.
+    pub(crate) fn passthrough(future: S::Future) -> Self {
+        Self::new(State::First { future }, None, None, 0, None)
+    }
+
+    pub(crate) fn first_attempt(
+        future: S::Future,
+        service: S,
+        replay: ReplayRequest,
+        generation: u64,
+        settings: Arc<AuthSettings>,
+    ) -> Self {
+        Self::new(
+            State::First { future },
+            Some(service),
+            Some(replay),
+            generation,
+            Some(settings),
+        )
+    }
+
+    pub(crate) fn waiting_for_token(
+        wait: RefreshWait,
+        request: Request<ReplayBody<B>>,
+        service: S,
+        replay: Option<ReplayRequest>,
+        settings: Arc<AuthSettings>,
+    ) -> Self {
+        let state = State::WaitToken {
+            wait,
+            request: Some(request),
+        };
+        Self::new(state, Some(service), replay, 0, Some(settings))
+    }
+
+    pub(crate) fn failed(error: AuthError) -> Self {
+        let state = State::Failed { error: Some(error) };
+        Self::new(state, None, None, 0, None)
+    }
+
+    fn new(
+        state: State<S::Future, B>,
+        service: Option<S>,
+        replay: Option<ReplayRequest>,
+        generation: u64,
+        settings: Option<Arc<AuthSettings>>,
+    ) -> Self {
+        Self {
+            state,
+            service,
+            replay,
+            generation,
+            settings,
+        }
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    S::Error: Into<tower::BoxError>,
+{
+    type Output = Result<Response<ResBody>, tower::BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::WaitToken { wait, request } => {
+                    let credential = ready!(Pin::new(wait).poll(cx))?;
+                    let (Some(mut request), Some(service), Some(settings)) = (
+                        request.take(),
+                        this.service.as_mut(),
+                        this.settings.as_ref(),
+                    ) else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    request
+                        .headers_mut()
+                        .insert(settings.header_name.clone(), credential.header);
+                    *this.generation = credential.generation;
+                    // `poll_ready` was answered before `call`; the service is still reserved.
+                    let future = service.call(request);
+                    this.state.set(State::First { future });
+                }
+                StateProj::First { future } => {
+                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    let Some(settings) = this.settings.as_ref() else {
+                        return Poll::Ready(Ok(response));
+                    };
+                    if !(settings.rejected)(response.status(), response.headers()) {
+                        return Poll::Ready(Ok(response));
+                    }
+                    let replayable = this.service.is_some()
+                        && this.replay.as_ref().is_some_and(ReplayRequest::is_ready);
+                    if !replayable {
+                        tracing::debug!(
+                            status = %response.status(),
+                            "token rejected; request not replayable, returning the response"
+                        );
+                        return Poll::Ready(Ok(response));
+                    }
+                    settings.cache.invalidate(*this.generation);
+                    // Free the connection of the rejected attempt before the replay.
+                    drop(response);
+                    match settings.cache.acquire() {
+                        Acquire::Ready(credential) => this.state.set(State::ReplayReady {
+                            credential: Some(credential.header),
+                        }),
+                        Acquire::Wait(wait) => this.state.set(State::WaitReplayToken { wait }),
+                        Acquire::Failed(error) => return Poll::Ready(Err(error.into())),
+                    }
+                }
+                StateProj::WaitReplayToken { wait } => {
+                    let credential = ready!(Pin::new(wait).poll(cx))?;
+                    this.state.set(State::ReplayReady {
+                        credential: Some(credential.header),
+                    });
+                }
+                StateProj::ReplayReady { credential } => {
+                    let Some(service) = this.service.as_mut() else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    ready!(service.poll_ready(cx)).map_err(Into::into)?;
+                    let (Some(credential), Some(replay), Some(settings)) = (
+                        credential.take(),
+                        this.replay.take(),
+                        this.settings.as_ref(),
+                    ) else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    let Some(request) = replay.into_request(&settings.header_name, credential)
+                    else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    settings.cache.record_replay();
+                    tracing::debug!("token rejected; replaying the request with a new token");
+                    let future = service.call(request);
+                    this.state.set(State::Replay { future });
+                }
+                StateProj::Replay { future } => return future.poll(cx).map_err(Into::into),
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(match error.take() {
+                        Some(error) => error.into(),
+                        None => polled_after_completion(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+fn polled_after_completion() -> tower::BoxError {
+    "AuthService response future polled after it completed".into()
+}

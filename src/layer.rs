@@ -1,0 +1,279 @@
+//! [`AuthLayer`]: configuration only. It holds the shared token cache and the options, and
+//! builds an [`AuthService`] around any inner service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::AUTHORIZATION;
+use http::{request, HeaderMap, HeaderName, StatusCode};
+use tower_layer::Layer;
+
+use crate::cache::{TokenCache, TokenCacheBuilder};
+use crate::predicate::{self, RejectionPredicate, ReplayPredicate};
+use crate::provider::TokenProvider;
+use crate::replay::DEFAULT_MAX_REPLAY_BODY;
+use crate::service::AuthService;
+
+/// Adds `Authorization: Bearer <token>` to every request, from a shared cache that refreshes
+/// before expiry, and replays a request once with a new token when the API rejects the old one.
+///
+/// Clones of the layer, and every service it builds, share one [`TokenCache`].
+///
+/// ```
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+/// use tower_auth_refresh::{provider_fn, AuthLayer, ReplayBody, Token};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let auth = AuthLayer::new(provider_fn(|| async {
+///     Ok::<_, tower::BoxError>(Token::new("secret").with_expires_in(Duration::from_secs(3600)))
+/// }));
+///
+/// // Any `Service<Request<ReplayBody<B>>>` works below the layer, a hyper-util client included.
+/// let api = service_fn(|request: http::Request<ReplayBody<Full<Bytes>>>| async move {
+///     let authorization = request.headers()["authorization"].clone();
+///     assert!(authorization.is_sensitive());
+///     Ok::<_, std::convert::Infallible>(http::Response::new(authorization))
+/// });
+///
+/// let client = ServiceBuilder::new().layer(auth.clone()).service(api);
+/// let response = client
+///     .oneshot(http::Request::new(Full::new(Bytes::from_static(b"hello"))))
+///     .await?;
+/// assert_eq!(response.body(), "Bearer secret");
+/// # Ok::<_, tower::BoxError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct AuthLayer {
+    settings: Arc<AuthSettings>,
+}
+
+/// What to do with a request that already carries the authorization header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExistingAuthorization {
+    /// Send it as it is, without a token from the cache and without a replay (default): the
+    /// caller chose that credential.
+    #[default]
+    Keep,
+    /// Replace it with the cache's token.
+    Replace,
+}
+
+/// The options an [`AuthService`] reads on every request.
+pub(crate) struct AuthSettings {
+    pub(crate) cache: TokenCache,
+    pub(crate) header_name: HeaderName,
+    pub(crate) max_replay_body: usize,
+    pub(crate) rejected: Box<RejectionPredicate>,
+    pub(crate) replay_if: Option<Box<ReplayPredicate>>,
+    pub(crate) existing: ExistingAuthorization,
+}
+
+impl AuthLayer {
+    /// A layer with a new cache over `provider` and every option at its default.
+    pub fn new(provider: impl TokenProvider) -> Self {
+        Self::builder(provider).build()
+    }
+
+    /// Options for a layer with a new cache over `provider`.
+    pub fn builder(provider: impl TokenProvider) -> AuthLayerBuilder<TokenCacheBuilder> {
+        AuthLayerBuilder::new(TokenCache::builder(provider))
+    }
+
+    /// A layer over an existing cache, so that several clients share one token.
+    pub fn with_cache(cache: TokenCache) -> Self {
+        Self::builder_with_cache(cache).build()
+    }
+
+    /// Options for a layer over an existing cache. The cache keeps its own options.
+    pub fn builder_with_cache(cache: TokenCache) -> AuthLayerBuilder<TokenCache> {
+        AuthLayerBuilder::new(cache)
+    }
+
+    /// The cache this layer reads tokens from.
+    pub fn cache(&self) -> &TokenCache {
+        &self.settings.cache
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService::new(inner, self.settings.clone())
+    }
+}
+
+impl fmt::Debug for AuthLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthLayer")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("cache", &self.cache)
+            .field("header_name", &self.header_name)
+            .field("max_replay_body", &self.max_replay_body)
+            .field("replay_filtered", &self.replay_if.is_some())
+            .field("existing", &self.existing)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for an [`AuthLayer`]. Every option has a documented default.
+///
+/// Built from a provider (`AuthLayer::builder`), it also sets the options of the new cache;
+/// built from an existing cache (`AuthLayer::builder_with_cache`), only the service's.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_auth_refresh::{predicate, AuthLayer, StaticToken, Token};
+///
+/// let layer = AuthLayer::builder(StaticToken::new(Token::new("secret")))
+///     .refresh_skew(Duration::from_secs(120))
+///     .refresh_timeout(Duration::from_secs(10))
+///     .max_replay_body(1024 * 1024)
+///     .token_rejected_when(predicate::unauthorized_or_invalid_token)
+///     .replay_when(predicate::idempotent)
+///     .build();
+/// # drop(layer);
+/// ```
+pub struct AuthLayerBuilder<C> {
+    cache: C,
+    header_name: HeaderName,
+    max_replay_body: usize,
+    rejected: Box<RejectionPredicate>,
+    replay_if: Option<Box<ReplayPredicate>>,
+    existing: ExistingAuthorization,
+}
+
+impl<C> AuthLayerBuilder<C> {
+    fn new(cache: C) -> Self {
+        Self {
+            cache,
+            header_name: AUTHORIZATION,
+            max_replay_body: DEFAULT_MAX_REPLAY_BODY,
+            rejected: Box::new(predicate::unauthorized),
+            replay_if: None,
+            existing: ExistingAuthorization::Keep,
+        }
+    }
+
+    /// The header that carries the token. Default: `Authorization`.
+    pub fn header_name(mut self, name: HeaderName) -> Self {
+        self.header_name = name;
+        self
+    }
+
+    /// Keep request bodies up to this many bytes so the request can be replayed after a
+    /// rejection. Larger bodies are streamed as usual and their rejection goes back to the
+    /// caller. Default: 64 KiB.
+    pub fn max_replay_body(mut self, bytes: usize) -> Self {
+        self.max_replay_body = bytes;
+        self
+    }
+
+    /// Which responses mean the token was rejected. Default: [`predicate::unauthorized`] (401).
+    pub fn token_rejected_when<F>(mut self, rejected: F) -> Self
+    where
+        F: Fn(StatusCode, &HeaderMap) -> bool + Send + Sync + 'static,
+    {
+        self.rejected = Box::new(rejected);
+        self
+    }
+
+    /// Which requests may be replayed after a rejection. Default: every request, since a 401
+    /// means the request was refused before it was acted on. [`predicate::idempotent`] is the
+    /// conservative choice.
+    pub fn replay_when<F>(mut self, replay_if: F) -> Self
+    where
+        F: Fn(&request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.replay_if = Some(Box::new(replay_if));
+        self
+    }
+
+    /// What to do with requests that already carry the header. Default:
+    /// [`ExistingAuthorization::Keep`].
+    pub fn existing_authorization(mut self, existing: ExistingAuthorization) -> Self {
+        self.existing = existing;
+        self
+    }
+
+    fn finish(self, into_cache: impl FnOnce(C) -> TokenCache) -> AuthLayer {
+        AuthLayer {
+            settings: Arc::new(AuthSettings {
+                cache: into_cache(self.cache),
+                header_name: self.header_name,
+                max_replay_body: self.max_replay_body,
+                rejected: self.rejected,
+                replay_if: self.replay_if,
+                existing: self.existing,
+            }),
+        }
+    }
+}
+
+impl AuthLayerBuilder<TokenCacheBuilder> {
+    /// See [`TokenCacheBuilder::refresh_skew`]. Default: 60 seconds.
+    pub fn refresh_skew(mut self, skew: Duration) -> Self {
+        self.cache = self.cache.refresh_skew(skew);
+        self
+    }
+
+    /// See [`TokenCacheBuilder::advisory_window`]. Default: 5 minutes.
+    pub fn advisory_window(mut self, window: Duration) -> Self {
+        self.cache = self.cache.advisory_window(window);
+        self
+    }
+
+    /// See [`TokenCacheBuilder::refresh_timeout`]. Default: 30 seconds.
+    pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
+        self.cache = self.cache.refresh_timeout(timeout);
+        self
+    }
+
+    /// See [`TokenCacheBuilder::backoff`]. Default: 1 second doubling to 30 seconds.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.cache = self.cache.backoff(initial, max);
+        self
+    }
+
+    /// See [`TokenCacheBuilder::scheme`]. Default: `Bearer`.
+    pub fn scheme(mut self, scheme: impl Into<String>) -> Self {
+        self.cache = self.cache.scheme(scheme);
+        self
+    }
+
+    /// Build the layer and its new cache.
+    pub fn build(self) -> AuthLayer {
+        self.finish(TokenCacheBuilder::build)
+    }
+}
+
+impl AuthLayerBuilder<TokenCache> {
+    /// Build the layer over the existing cache.
+    pub fn build(self) -> AuthLayer {
+        self.finish(|cache| cache)
+    }
+}
+
+impl<C: fmt::Debug> fmt::Debug for AuthLayerBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthLayerBuilder")
+            .field("cache", &self.cache)
+            .field("header_name", &self.header_name)
+            .field("max_replay_body", &self.max_replay_body)
+            .field("existing", &self.existing)
+            .finish_non_exhaustive()
+    }
+}

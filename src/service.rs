@@ -1,0 +1,142 @@
+//! [`AuthService`]: adds the token, and replays once when the API rejects it.
+
+use std::fmt;
+use std::mem;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::cache::Acquire;
+use crate::future::ResponseFuture;
+use crate::layer::{AuthSettings, ExistingAuthorization};
+use crate::replay::{ReplayBody, ReplayRequest};
+
+/// The service an [`AuthLayer`](crate::AuthLayer) builds. See the layer for the behaviour.
+///
+/// `poll_ready` is the inner service's: a replay waits for the inner service to be ready again,
+/// so rate-limit and concurrency-limit layers below keep their promise on replays too.
+pub struct AuthService<S> {
+    inner: S,
+    settings: Arc<AuthSettings>,
+}
+
+impl<S> AuthService<S> {
+    pub(crate) fn new(inner: S, settings: Arc<AuthSettings>) -> Self {
+        Self { inner, settings }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for AuthService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for AuthService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthService")
+            .field("inner", &self.inner)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for AuthService<S>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<tower::BoxError>,
+    B: Body<Data = Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = tower::BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let settings = &self.settings;
+        let (mut parts, body) = request.into_parts();
+
+        if settings.existing == ExistingAuthorization::Keep
+            && parts.headers.contains_key(&settings.header_name)
+        {
+            let request = Request::from_parts(parts, ReplayBody::new(body));
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
+
+        let replay_allowed = settings
+            .replay_if
+            .as_ref()
+            .is_none_or(|allow| allow(&parts));
+        let (body, replay) = if replay_allowed {
+            ReplayRequest::prepare(&parts, body, settings.max_replay_body)
+        } else {
+            (ReplayBody::new(body), None)
+        };
+
+        match settings.cache.acquire() {
+            Acquire::Ready(credential) => {
+                parts
+                    .headers
+                    .insert(settings.header_name.clone(), credential.header);
+                let request = Request::from_parts(parts, body);
+                match replay {
+                    None => ResponseFuture::passthrough(self.inner.call(request)),
+                    Some(replay) => {
+                        // The replay needs the service again: keep the one that is ready for
+                        // this call and leave a fresh clone behind (tower's `mem::replace` idiom).
+                        let mut service = self.take_ready_service();
+                        let future = service.call(request);
+                        ResponseFuture::first_attempt(
+                            future,
+                            service,
+                            replay,
+                            credential.generation,
+                            self.settings.clone(),
+                        )
+                    }
+                }
+            }
+            Acquire::Wait(wait) => ResponseFuture::waiting_for_token(
+                wait,
+                Request::from_parts(parts, body),
+                self.take_ready_service(),
+                replay,
+                self.settings.clone(),
+            ),
+            // The ready inner service stays here, reserved for the next call.
+            Acquire::Failed(error) => ResponseFuture::failed(error),
+        }
+    }
+}
+
+impl<S: Clone> AuthService<S> {
+    fn take_ready_service(&mut self) -> S {
+        let clone = self.inner.clone();
+        mem::replace(&mut self.inner, clone)
+    }
+}
