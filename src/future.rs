@@ -68,22 +68,24 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>>,
 {
-    /// A request that is never replayed: only the inner future.
+    /// A request the layer leaves alone (it carried its own credential): only the inner future.
     pub(crate) fn passthrough(future: S::Future) -> Self {
         Self::new(State::First { future }, None, None, 0, None)
     }
 
+    /// The first attempt is under way. Without `replay`, a rejection still invalidates the
+    /// token, so the next request gets a new one.
     pub(crate) fn first_attempt(
         future: S::Future,
-        service: S,
-        replay: ReplayRequest,
+        service: Option<S>,
+        replay: Option<ReplayRequest>,
         generation: u64,
         settings: Arc<AuthSettings>,
     ) -> Self {
         Self::new(
             State::First { future },
-            Some(service),
-            Some(replay),
+            service,
+            replay,
             generation,
             Some(settings),
         )
@@ -161,6 +163,7 @@ where
                     if !(settings.rejected)(response.status(), response.headers()) {
                         return Poll::Ready(Ok(response));
                     }
+                    settings.cache.invalidate(*this.generation);
                     let replayable = this.service.is_some()
                         && this.replay.as_ref().is_some_and(ReplayRequest::is_ready);
                     if !replayable {
@@ -170,7 +173,6 @@ where
                         );
                         return Poll::Ready(Ok(response));
                     }
-                    settings.cache.invalidate(*this.generation);
                     // Free the connection of the rejected attempt before the replay.
                     drop(response);
                     match settings.cache.acquire() {

@@ -104,22 +104,20 @@ where
                     .headers
                     .insert(settings.header_name.clone(), credential.header);
                 let request = Request::from_parts(parts, body);
-                match replay {
-                    None => ResponseFuture::passthrough(self.inner.call(request)),
-                    Some(replay) => {
-                        // The replay needs the service again: keep the one that is ready for
-                        // this call and leave a fresh clone behind (tower's `mem::replace` idiom).
-                        let mut service = self.take_ready_service();
-                        let future = service.call(request);
-                        ResponseFuture::first_attempt(
-                            future,
-                            service,
-                            replay,
-                            credential.generation,
-                            self.settings.clone(),
-                        )
-                    }
-                }
+                // A replay needs the service again: keep the one that is ready for this call
+                // and leave a fresh clone behind (tower's `mem::replace` idiom).
+                let mut service = replay.as_ref().map(|_| self.take_ready_service());
+                let future = match service.as_mut() {
+                    Some(service) => service.call(request),
+                    None => self.inner.call(request),
+                };
+                ResponseFuture::first_attempt(
+                    future,
+                    service,
+                    replay,
+                    credential.generation,
+                    self.settings.clone(),
+                )
             }
             Acquire::Wait(wait) => ResponseFuture::waiting_for_token(
                 wait,

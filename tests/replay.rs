@@ -1,0 +1,232 @@
+//! Replaying after a 401, against a real API on loopback: bodies come back byte-identical, a body
+//! over the cap or still streaming is not replayed, and a request is replayed at most once.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_auth_refresh::{predicate, AuthLayer, AuthService};
+
+use support::{body_string, client, http_provider, Api, IdentityProvider, TokenRegistry};
+
+type Body = BoxBody<Bytes, std::io::Error>;
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    tower_auth_refresh::ReplayBody<Body>,
+>;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+struct World {
+    idp: IdentityProvider,
+    api: Api,
+    registry: TokenRegistry,
+    layer: AuthLayer,
+    service: AuthService<Client>,
+}
+
+/// A world whose first token was used once and then revoked on the server: the next request
+/// meets a 401.
+async fn world_with_revoked_token(layer: impl FnOnce(&IdentityProvider) -> AuthLayer) -> World {
+    let registry = TokenRegistry::default();
+    let idp = IdentityProvider::start(registry.clone(), Some(HOUR)).await;
+    let api = Api::start(registry.clone(), 0).await;
+    let layer = layer(&idp);
+    let service = ServiceBuilder::new().layer(layer.clone()).service(client());
+    let warm = service
+        .clone()
+        .oneshot(Request::get(api.url("/whoami")).body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(body_string(warm).await, "token-1");
+    registry.revoke_all();
+    World {
+        idp,
+        api,
+        registry,
+        layer,
+        service,
+    }
+}
+
+fn default_layer(idp: &IdentityProvider) -> AuthLayer {
+    AuthLayer::new(http_provider(idp))
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// A body of `chunks` frames of `size` bytes with no size hint, as a streamed upload has.
+fn chunked(chunks: usize, size: usize) -> Body {
+    let frames = (0..chunks).map(move |i| Ok(Frame::data(Bytes::from(vec![i as u8; size]))));
+    BodyExt::boxed(StreamBody::new(futures::stream::iter(frames)))
+}
+
+fn payload(len: usize) -> Bytes {
+    (0..len)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect::<Vec<_>>()
+        .into()
+}
+
+#[tokio::test]
+async fn post_of_10_kib_is_replayed_byte_identical() {
+    let w = world_with_revoked_token(default_layer).await;
+    let body = payload(10 * 1024);
+
+    let request = Request::post(w.api.url("/echo"))
+        .body(full(body.clone()))
+        .unwrap();
+    let response = w.service.clone().oneshot(request).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let echoed = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        echoed, body,
+        "the API received the same bytes on the replay"
+    );
+    assert_eq!(w.api.rejected(), 1);
+    assert_eq!(w.api.requests(), 3, "warm-up, rejected attempt, replay");
+    assert_eq!(w.idp.token_requests(), 2);
+    assert_eq!(w.layer.cache().stats().replays, 1);
+}
+
+#[tokio::test]
+async fn streamed_body_under_the_cap_is_replayed_byte_identical() {
+    let w = world_with_revoked_token(default_layer).await;
+    let request = Request::post(w.api.url("/echo"))
+        .body(chunked(8, 4096))
+        .unwrap();
+    let response = w.service.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let echoed = response.into_body().collect().await.unwrap().to_bytes();
+    let expected: Vec<u8> = (0..8u8).flat_map(|i| vec![i; 4096]).collect();
+    assert_eq!(echoed, expected);
+    assert_eq!(w.api.requests(), 3);
+}
+
+#[tokio::test]
+async fn body_over_the_cap_is_not_replayed_and_its_401_comes_back_unchanged() {
+    let w = world_with_revoked_token(default_layer).await;
+
+    for (body, what) in [
+        (full(payload(1024 * 1024)), "1 MiB with a known length"),
+        (chunked(16, 64 * 1024), "1 MiB streamed without a length"),
+    ] {
+        // Make sure the token the request leaves with is rejected.
+        let _ = w.layer.cache().token().await.unwrap();
+        w.registry.revoke_all();
+        let before = w.api.requests();
+        let request = Request::post(w.api.url("/echo")).body(body).unwrap();
+        let response = w.service.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            r#"Bearer error="invalid_token""#
+        );
+        assert_eq!(body_string(response).await, "invalid or expired token");
+        assert_eq!(w.api.requests(), before + 1, "{what}: sent once");
+    }
+    assert_eq!(w.layer.cache().stats().replays, 0);
+    assert_eq!(
+        w.idp.token_requests(),
+        2,
+        "the second request fetched token-2"
+    );
+    // The 401 invalidated the token, so the next request gets a new one up front.
+    let before_rejected = w.api.rejected();
+    let request = Request::get(w.api.url("/whoami")).body(empty()).unwrap();
+    let response = w.service.clone().oneshot(request).await.unwrap();
+    assert_eq!(body_string(response).await, "token-3");
+    assert_eq!(w.api.rejected(), before_rejected);
+    assert_eq!(w.idp.token_requests(), 3);
+}
+
+#[tokio::test]
+async fn a_401_on_the_replay_comes_back_unchanged() {
+    let w = world_with_revoked_token(default_layer).await;
+    let before = w.api.requests();
+    let request = Request::get(w.api.url("/always-401"))
+        .body(empty())
+        .unwrap();
+    let response = w.service.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(body_string(response).await, "invalid or expired token");
+    assert_eq!(
+        w.api.requests(),
+        before + 2,
+        "the attempt and one replay, no loop"
+    );
+    assert_eq!(w.idp.token_requests(), 2);
+    assert_eq!(w.layer.cache().stats().replays, 1);
+}
+
+#[tokio::test]
+async fn body_still_streaming_when_the_401_arrives_is_not_replayed() {
+    let w = world_with_revoked_token(default_layer).await;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let mut receiver = receiver;
+    let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+    sender
+        .send(Ok(Frame::data(Bytes::from_static(b"first part"))))
+        .await
+        .unwrap();
+
+    let before = w.api.requests();
+    let request = Request::post(w.api.url("/reject-early"))
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap();
+    let response =
+        tokio::time::timeout(Duration::from_secs(30), w.service.clone().oneshot(request))
+            .await
+            .expect("an early 401 must not wait for the rest of the body")
+            .unwrap();
+
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(w.api.requests(), before + 1);
+    assert_eq!(w.layer.cache().stats().replays, 0);
+    drop(sender);
+}
+
+#[tokio::test]
+async fn replay_can_be_limited_to_idempotent_methods() {
+    let w = world_with_revoked_token(|idp| {
+        AuthLayer::builder(http_provider(idp))
+            .replay_when(predicate::idempotent)
+            .build()
+    })
+    .await;
+
+    let request = Request::post(w.api.url("/echo"))
+        .body(full(payload(10)))
+        .unwrap();
+    let response = w.service.clone().oneshot(request).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::UNAUTHORIZED,
+        "POST is not replayed"
+    );
+    assert_eq!(w.api.requests(), 2);
+
+    // The 401 invalidated token-1; take token-2, then have the server reject it too.
+    assert_eq!(w.layer.cache().token().await.unwrap().secret(), "token-2");
+    w.registry.revoke_all();
+    let request = Request::put(w.api.url("/echo"))
+        .body(full(payload(10)))
+        .unwrap();
+    let response = w.service.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "PUT is replayed");
+    assert_eq!(w.layer.cache().stats().replays, 1);
+    assert_eq!(w.idp.token_requests(), 3);
+}
