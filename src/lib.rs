@@ -55,3 +55,8 @@ pub use provider::{provider_fn, ProviderFn, ProviderFuture, StaticToken, TokenPr
 pub use replay::ReplayBody;
 pub use service::AuthService;
 pub use token::Token;
+
+/// The README's example, compiled with the doctests so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -133,7 +133,7 @@ async fn thousand_requests_rejected_with_401_make_one_token_request() {
     assert_eq!(w.idp.token_requests(), 2);
     let stats = layer.cache().stats();
     let rejected = w.api.rejected() as u64;
-    assert!(rejected >= 1 && rejected <= 1000, "{rejected}");
+    assert!((1..=1000).contains(&rejected), "{rejected}");
     // Every rejected request was replayed exactly once; nothing else was.
     assert_eq!(stats.replays, rejected);
     assert_eq!(w.api.requests(), 1 + 1000 + rejected as usize);
@@ -378,7 +378,7 @@ async fn failed_background_refresh_keeps_the_valid_token_in_use() {
 /// Wait (without moving the clock) until the background refresh installed `token-{n}`.
 async fn background_token_lands(layer: &AuthLayer, n: usize) {
     for _ in 0..100_000 {
-        if let Some(token) = layer.cache().token().await.ok() {
+        if let Ok(token) = layer.cache().token().await {
             if token.secret() == format!("token-{n}") {
                 return;
             }

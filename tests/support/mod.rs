@@ -209,7 +209,9 @@ struct ApiState {
 /// - `POST /echo`: the request body back.
 /// - `POST /reject-early`: 401 at once, without reading the body.
 /// - `GET /always-401`: 401 whatever the token.
-/// Anything else: 200 with the accepted token as the body. A missing, unknown or expired token gets 401.
+/// - anything else: 200 with the accepted token as the body.
+///
+/// A missing, unknown or expired token gets 401.
 #[derive(Clone)]
 pub struct Api {
     addr: SocketAddr,
