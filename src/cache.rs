@@ -49,6 +49,9 @@ pub const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// Default longest wait between failed refreshes.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The longest `Retry-After` from an identity provider the cache waits for; longer requests
+/// (or garbage dates years ahead) are cut to this.
+const MAX_HONOURED_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 /// Default authorization scheme.
 pub const DEFAULT_SCHEME: &str = "Bearer";
 
@@ -520,13 +523,19 @@ fn finish_refresh(
             );
         }
         Err(error) => {
-            let wait = if state.next_backoff.is_zero() {
+            let backoff = if state.next_backoff.is_zero() {
                 shared.config.backoff_initial
             } else {
                 state.next_backoff
             };
+            state.next_backoff = cmp::min(backoff.saturating_mul(2), shared.config.backoff_max);
+            // An identity provider that said how long to wait (429/503 with Retry-After) is
+            // believed, within reason.
+            let asked = error.retry_after().map_or(Duration::ZERO, |wait| {
+                cmp::min(wait, MAX_HONOURED_RETRY_AFTER)
+            });
+            let wait = cmp::max(backoff, asked);
             state.retry_at = now.checked_add(wait);
-            state.next_backoff = cmp::min(wait.saturating_mul(2), shared.config.backoff_max);
             state.last_error = Some(error.clone());
             shared
                 .counters

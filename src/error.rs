@@ -23,6 +23,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::StatusCode;
+
 /// A shareable error source: one failed refresh is reported to every request that waited on it.
 pub(crate) type SharedSource = Arc<dyn StdError + Send + Sync + 'static>;
 
@@ -59,13 +61,172 @@ pub enum AuthError {
     ProviderPanicked,
     /// A refresh was needed outside a Tokio runtime; the cache runs refreshes on Tokio tasks.
     NoRuntime,
+    /// The token endpoint refused the request with an RFC 6749 error response.
+    TokenEndpoint(TokenEndpointError),
+    /// The token endpoint answered 429 or 503. The cache waits at least `retry_after` before the
+    /// next attempt.
+    Throttled {
+        /// 429 or 503.
+        status: StatusCode,
+        /// What the `Retry-After` header asked for, if it was readable.
+        retry_after: Option<Duration>,
+    },
+    /// The token endpoint's answer is not a token response: not JSON, truncated, or missing
+    /// `access_token`. `excerpt` is at most the first 200 bytes, withheld if it may hold a token.
+    MalformedResponse {
+        /// The HTTP status of the answer.
+        status: StatusCode,
+        /// What went wrong, and the start of the body.
+        excerpt: String,
+    },
+    /// The token endpoint issued a token that is not a bearer token.
+    UnsupportedTokenType {
+        /// The `token_type` it sent.
+        token_type: String,
+    },
+    /// The token endpoint answered with a redirect. It is not followed: that would send the
+    /// client secret to another URL.
+    Redirected {
+        /// The 3xx status.
+        status: StatusCode,
+        /// Where it pointed.
+        location: Option<String>,
+    },
+    /// A token or metadata URL that is not `https` (nor loopback), and plain HTTP was not
+    /// allowed.
+    InsecureUrl {
+        /// The refused URL.
+        url: String,
+    },
+    /// The token endpoint could not be reached; `source()` says why.
+    Transport {
+        /// The transport's error.
+        source: SharedSource,
+    },
+    /// The identity provider's metadata could not be used.
+    Discovery {
+        /// The issuer that was asked.
+        issuer: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A refresh-token grant has no refresh token (none was given, or the last was rejected)
+    /// and no fallback was configured.
+    NoRefreshToken,
+}
+
+/// An RFC 6749 (section 5.2) error response from a token endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenEndpointError {
+    /// The HTTP status of the answer (usually 400 or 401).
+    pub status: StatusCode,
+    /// The `error` code.
+    pub code: ErrorCode,
+    /// The `error_description`, if any.
+    pub description: Option<String>,
+    /// The `error_uri`, if any.
+    pub uri: Option<String>,
+}
+
+/// The `error` code of an RFC 6749 error response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// `invalid_request`
+    InvalidRequest,
+    /// `invalid_client`: client authentication failed (wrong id or secret).
+    InvalidClient,
+    /// `invalid_grant`: the refresh token (or code) is invalid, expired or revoked.
+    InvalidGrant,
+    /// `unauthorized_client`: this client may not use this grant type.
+    UnauthorizedClient,
+    /// `unsupported_grant_type`
+    UnsupportedGrantType,
+    /// `invalid_scope`
+    InvalidScope,
+    /// Any other code, as sent.
+    Other(String),
+}
+
+impl ErrorCode {
+    /// The code as RFC 6749 spells it.
+    pub fn parse(code: &str) -> Self {
+        match code {
+            "invalid_request" => ErrorCode::InvalidRequest,
+            "invalid_client" => ErrorCode::InvalidClient,
+            "invalid_grant" => ErrorCode::InvalidGrant,
+            "unauthorized_client" => ErrorCode::UnauthorizedClient,
+            "unsupported_grant_type" => ErrorCode::UnsupportedGrantType,
+            "invalid_scope" => ErrorCode::InvalidScope,
+            other => ErrorCode::Other(other.to_owned()),
+        }
+    }
+
+    /// The code as RFC 6749 spells it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidClient => "invalid_client",
+            ErrorCode::InvalidGrant => "invalid_grant",
+            ErrorCode::UnauthorizedClient => "unauthorized_client",
+            ErrorCode::UnsupportedGrantType => "unsupported_grant_type",
+            ErrorCode::InvalidScope => "invalid_scope",
+            ErrorCode::Other(other) => other,
+        }
+    }
+}
+
+impl fmt::Display for TokenEndpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the token endpoint refused the request ({}, {})",
+            self.status,
+            self.code.as_str()
+        )?;
+        if let Some(description) = &self.description {
+            write!(f, ": {description}")?;
+        }
+        Ok(())
+    }
 }
 
 impl AuthError {
+    /// Wrap a provider's error. An `AuthError` the provider raised itself (as the `oauth2`
+    /// providers do) is kept as it is, so a program can match on it.
     pub(crate) fn refresh(source: impl Into<tower::BoxError>) -> Self {
         let source: tower::BoxError = source.into();
-        AuthError::Refresh {
+        match source.downcast::<AuthError>() {
+            Ok(error) => *error,
+            Err(source) => AuthError::Refresh {
+                source: Arc::from(source),
+            },
+        }
+    }
+
+    pub(crate) fn transport(source: impl Into<tower::BoxError>) -> Self {
+        let source: tower::BoxError = source.into();
+        AuthError::Transport {
             source: Arc::from(source),
+        }
+    }
+
+    /// How long the identity provider asked us to wait, for errors that carry it.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AuthError::Throttled { retry_after, .. } => *retry_after,
+            AuthError::Backoff { retry_in, .. } => Some(*retry_in),
+            _ => None,
+        }
+    }
+
+    /// The RFC 6749 error code, when the token endpoint refused the request.
+    pub fn error_code(&self) -> Option<&ErrorCode> {
+        match self {
+            AuthError::TokenEndpoint(error) => Some(&error.code),
+            AuthError::Backoff { last_error, .. } => last_error.error_code(),
+            _ => None,
         }
     }
 }
@@ -88,6 +249,39 @@ impl fmt::Display for AuthError {
             AuthError::ProviderPanicked => f.write_str("token refresh failed: the token provider panicked"),
             AuthError::NoRuntime => f.write_str(
                 "token refresh needs a Tokio runtime, and none is running on this thread",
+            ),
+            AuthError::TokenEndpoint(error) => fmt::Display::fmt(error, f),
+            AuthError::Throttled { status, retry_after } => {
+                write!(f, "the token endpoint is rate limiting ({status})")?;
+                match retry_after {
+                    Some(wait) => write!(f, "; it asked to wait {wait:?}"),
+                    None => Ok(()),
+                }
+            }
+            AuthError::MalformedResponse { status, excerpt } => write!(
+                f,
+                "the token endpoint's answer ({status}) is not a usable token response: {excerpt}"
+            ),
+            AuthError::UnsupportedTokenType { token_type } => write!(
+                f,
+                "the token endpoint issued a {token_type:?} token; only Bearer tokens are supported"
+            ),
+            AuthError::Redirected { status, location } => write!(
+                f,
+                "the token endpoint answered {status} with a redirect to {}; redirects are not followed, they would carry the client secret elsewhere",
+                location.as_deref().unwrap_or("nowhere")
+            ),
+            AuthError::InsecureUrl { url } => write!(
+                f,
+                "refusing to send credentials to {url}: not https; allow plain HTTP explicitly for non-loopback hosts"
+            ),
+            AuthError::Transport { .. } => f.write_str("the token endpoint could not be reached"),
+            AuthError::Discovery { issuer, reason } => write!(
+                f,
+                "the metadata of identity provider {issuer} cannot be used: {reason}"
+            ),
+            AuthError::NoRefreshToken => f.write_str(
+                "no refresh token to use (none was given, or the last one was rejected) and no fallback is configured",
             ),
         }
     }
@@ -115,6 +309,42 @@ impl fmt::Debug for AuthError {
             AuthError::InvalidHeaderValue => f.write_str("InvalidHeaderValue"),
             AuthError::ProviderPanicked => f.write_str("ProviderPanicked"),
             AuthError::NoRuntime => f.write_str("NoRuntime"),
+            AuthError::TokenEndpoint(error) => f.debug_tuple("TokenEndpoint").field(error).finish(),
+            AuthError::Throttled {
+                status,
+                retry_after,
+            } => f
+                .debug_struct("Throttled")
+                .field("status", status)
+                .field("retry_after", retry_after)
+                .finish(),
+            AuthError::MalformedResponse { status, excerpt } => f
+                .debug_struct("MalformedResponse")
+                .field("status", status)
+                .field("excerpt", excerpt)
+                .finish(),
+            AuthError::UnsupportedTokenType { token_type } => f
+                .debug_struct("UnsupportedTokenType")
+                .field("token_type", token_type)
+                .finish(),
+            AuthError::Redirected { status, location } => f
+                .debug_struct("Redirected")
+                .field("status", status)
+                .field("location", location)
+                .finish(),
+            AuthError::InsecureUrl { url } => {
+                f.debug_struct("InsecureUrl").field("url", url).finish()
+            }
+            AuthError::Transport { source } => f
+                .debug_struct("Transport")
+                .field("source", &source.to_string())
+                .finish(),
+            AuthError::Discovery { issuer, reason } => f
+                .debug_struct("Discovery")
+                .field("issuer", issuer)
+                .field("reason", reason)
+                .finish(),
+            AuthError::NoRefreshToken => f.write_str("NoRefreshToken"),
         }
     }
 }
@@ -124,10 +354,13 @@ impl StdError for AuthError {
         match self {
             AuthError::Refresh { source } => Some(&**source),
             AuthError::Backoff { last_error, .. } => Some(&**last_error),
+            AuthError::Transport { source } => Some(&**source),
             _ => None,
         }
     }
 }
+
+impl StdError for TokenEndpointError {}
 
 #[cfg(test)]
 mod tests {
@@ -164,3 +397,4 @@ mod tests {
         assert!(chain[1].contains("within 30s"), "{chain:?}");
     }
 }
+

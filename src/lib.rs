@@ -41,14 +41,17 @@ pub mod cache;
 pub mod error;
 mod future;
 pub mod layer;
+#[cfg(feature = "oauth2")]
+pub mod oauth2;
 pub mod predicate;
 pub mod provider;
 pub mod replay;
+mod retry_after;
 mod service;
 pub mod token;
 
 pub use cache::{CacheStats, TokenCache, TokenCacheBuilder};
-pub use error::AuthError;
+pub use error::{AuthError, ErrorCode, TokenEndpointError};
 pub use future::ResponseFuture;
 pub use layer::{AuthLayer, AuthLayerBuilder, ExistingAuthorization};
 pub use provider::{provider_fn, ProviderFn, ProviderFuture, StaticToken, TokenProvider};

@@ -1,0 +1,168 @@
+//! The `client_credentials` grant (RFC 6749 section 4.4).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::Uri;
+
+use super::discovery::ProviderMetadata;
+use super::transport::{send, HttpTransport};
+use super::{checked_url, token_request, transport_or_default, Client, ClientAuth, Secret};
+use crate::error::AuthError;
+use crate::provider::{ProviderFuture, TokenProvider};
+use crate::Token;
+
+/// Fetches tokens with the client's own credentials: the grant for batch jobs with no user.
+///
+/// ```no_run
+/// use tower_auth_refresh::oauth2::{ClientAuth, ClientCredentials};
+///
+/// # fn main() -> Result<(), tower_auth_refresh::AuthError> {
+/// let provider = ClientCredentials::builder("https://idp.example/oauth/token", "id", "secret")
+///     .auth_method(ClientAuth::Post)
+///     .scope("contacts:read")
+///     .param("audience", "https://api.example")
+///     .build()?;
+/// # drop(provider);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct ClientCredentials {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Uri,
+    client: Client,
+    params: Vec<(String, String)>,
+    transport: HttpTransport,
+}
+
+impl ClientCredentials {
+    /// Options for a provider that asks `token_url` for tokens as `client_id`.
+    pub fn builder(
+        token_url: impl Into<String>,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+    ) -> ClientCredentialsBuilder {
+        ClientCredentialsBuilder {
+            token_url: token_url.into(),
+            client: Client {
+                id: client_id.into(),
+                secret: Some(client_secret.into()),
+                auth: ClientAuth::default(),
+            },
+            params: Vec::new(),
+            transport: None,
+            allow_insecure_http: false,
+        }
+    }
+
+    /// Options for a provider at the token endpoint an identity provider's metadata names, with
+    /// the client authentication it supports (Basic preferred).
+    pub fn from_metadata(
+        metadata: &ProviderMetadata,
+        client_id: impl Into<String>,
+        client_secret: impl Into<Secret>,
+    ) -> ClientCredentialsBuilder {
+        Self::builder(metadata.token_endpoint.clone(), client_id, client_secret)
+            .auth_method(metadata.preferred_client_auth())
+    }
+
+    /// Ask the token endpoint for a new token.
+    pub async fn request_token(&self) -> Result<Token, AuthError> {
+        let inner = &self.inner;
+        let mut params: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+        params.extend(inner.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let request = token_request(&inner.endpoint, &inner.client, &params)?;
+        let answer = send(&inner.transport, request).await?;
+        super::response::token_from(&answer, SystemTime::now())
+    }
+}
+
+impl TokenProvider for ClientCredentials {
+    fn fetch_token(&self) -> ProviderFuture {
+        let this = self.clone();
+        Box::pin(async move {
+            this.request_token()
+                .await
+                .map_err(|error| -> tower::BoxError { Box::new(error) })
+        })
+    }
+}
+
+impl fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCredentials")
+            .field("endpoint", &self.inner.endpoint)
+            .field("client", &self.inner.client)
+            .field("params", &self.inner.params)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for [`ClientCredentials`].
+pub struct ClientCredentialsBuilder {
+    token_url: String,
+    client: Client,
+    params: Vec<(String, String)>,
+    transport: Option<HttpTransport>,
+    allow_insecure_http: bool,
+}
+
+impl ClientCredentialsBuilder {
+    /// How the client authenticates. Default: [`ClientAuth::Basic`].
+    pub fn auth_method(mut self, auth: ClientAuth) -> Self {
+        self.client.auth = auth;
+        self
+    }
+
+    /// The `scope` to ask for (space-separated). Default: none, the client's default scope.
+    pub fn scope(self, scope: impl Into<String>) -> Self {
+        self.param("scope", scope)
+    }
+
+    /// An extra form parameter, such as `audience` or `resource`.
+    pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.push((name.into(), value.into()));
+        self
+    }
+
+    /// The HTTP client for token requests. Default: [`default_transport`](super::default_transport).
+    pub fn transport(mut self, transport: HttpTransport) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Allow a plain `http` token URL on a host that is not loopback. Default: refused, since
+    /// the client secret would cross the network in clear text.
+    pub fn allow_insecure_http(mut self, allow: bool) -> Self {
+        self.allow_insecure_http = allow;
+        self
+    }
+
+    /// Check the URL and build the provider.
+    pub fn build(self) -> Result<ClientCredentials, AuthError> {
+        let endpoint = checked_url(&self.token_url, self.allow_insecure_http)?;
+        Ok(ClientCredentials {
+            inner: Arc::new(Inner {
+                endpoint,
+                client: self.client,
+                params: self.params,
+                transport: transport_or_default(self.transport)?,
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for ClientCredentialsBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCredentialsBuilder")
+            .field("token_url", &self.token_url)
+            .field("client", &self.client)
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,247 @@
+//! Real OAuth2 token sources (RFC 6749) that plug into [`AuthLayer`](crate::AuthLayer) and
+//! [`TokenCache`](crate::TokenCache).
+//!
+//! - [`ClientCredentials`]: the `client_credentials` grant, for service-to-service batch jobs.
+//! - [`RefreshTokenGrant`]: the `refresh_token` grant, keeping the rotated refresh token, with
+//!   an optional fallback to client credentials when the refresh token is rejected.
+//! - [`discover`]: an identity provider's metadata from its issuer URL alone (OpenID Connect
+//!   discovery, then RFC 8414).
+//! - Presets for [`genesys`] Cloud and [`nice_cxone`].
+//!
+//! Every request is sent through an [`HttpTransport`], any tower HTTP service; the default
+//! ([`default_transport`], cargo feature `rustls`) is hyper-util over rustls. Token requests
+//! never follow redirects, go only to `https` URLs unless the host is loopback or plain HTTP was
+//! allowed, and read at most 64 KiB. The client secret and every token are redacted in `Debug`
+//! and never logged.
+//!
+//! ```no_run
+//! use tower_auth_refresh::oauth2::ClientCredentials;
+//! use tower_auth_refresh::AuthLayer;
+//!
+//! # fn main() -> Result<(), tower_auth_refresh::AuthError> {
+//! let provider = ClientCredentials::builder(
+//!     "https://login.example.com/oauth/token",
+//!     "batch-client",
+//!     std::env::var("CLIENT_SECRET").unwrap_or_default(),
+//! )
+//! .scope("contacts:read")
+//! .build()?;
+//! let auth = AuthLayer::new(provider);
+//! # drop(auth);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Request, Uri};
+use http_body_util::Full;
+
+use crate::error::AuthError;
+
+mod client_credentials;
+mod discovery;
+mod form;
+pub mod genesys;
+pub mod nice_cxone;
+mod refresh_token;
+mod response;
+mod transport;
+
+pub use client_credentials::{ClientCredentials, ClientCredentialsBuilder};
+pub use discovery::{discover, ProviderMetadata};
+pub use refresh_token::{RefreshTokenGrant, RefreshTokenGrantBuilder};
+#[cfg(feature = "rustls")]
+pub use transport::default_transport;
+pub use transport::{transport, HttpTransport};
+
+/// A client secret or refresh token: shown as `<redacted>` by `Debug`, read with
+/// [`Secret::expose`].
+#[derive(Clone)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    /// Wrap a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(Arc::from(value.into()))
+    }
+
+    /// The secret itself. Handle with care.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self::new(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self::new(value)
+    }
+}
+
+/// How the client proves its identity to the token endpoint (RFC 6749 section 2.3.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-encoded id and secret (`client_secret_basic`). The RFC's
+    /// preferred way, and the default.
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` as form fields (`client_secret_post`).
+    Post,
+}
+
+impl ClientAuth {
+    /// The name RFC 8414 metadata uses for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::Basic => "client_secret_basic",
+            ClientAuth::Post => "client_secret_post",
+        }
+    }
+}
+
+/// A URL credentials may be sent to: `https`, or `http` on a loopback host, or `http` anywhere
+/// when the user allowed it.
+pub(crate) fn checked_url(url: &str, allow_insecure_http: bool) -> Result<Uri, AuthError> {
+    let refused = || AuthError::InsecureUrl {
+        url: url.chars().take(200).collect(),
+    };
+    let uri: Uri = url.parse().map_err(|_| refused())?;
+    let host = uri.host().ok_or_else(refused)?;
+    match uri.scheme_str() {
+        Some("https") => Ok(uri),
+        Some("http") if allow_insecure_http || is_loopback(host) => Ok(uri),
+        _ => Err(refused()),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
+}
+
+/// The client's credentials as a token request carries them.
+#[derive(Clone)]
+pub(crate) struct Client {
+    pub(crate) id: String,
+    pub(crate) secret: Option<Secret>,
+    pub(crate) auth: ClientAuth,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.id)
+            .field("secret", &self.secret)
+            .field("auth", &self.auth)
+            .finish()
+    }
+}
+
+/// A token request: `POST` of a form, with the client authenticated as configured.
+pub(crate) fn token_request(
+    endpoint: &Uri,
+    client: &Client,
+    params: &[(&str, &str)],
+) -> Result<Request<Full<Bytes>>, AuthError> {
+    let mut fields: Vec<(&str, &str)> = params.to_vec();
+    let mut request = Request::post(endpoint.clone())
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(ACCEPT, "application/json");
+    match (&client.secret, client.auth) {
+        (Some(secret), ClientAuth::Basic) => {
+            let credentials = format!(
+                "{}:{}",
+                form::urlencode(&client.id),
+                form::urlencode(secret.expose())
+            );
+            let mut value =
+                HeaderValue::from_str(&format!("Basic {}", form::base64(credentials.as_bytes())))
+                    .map_err(|_| AuthError::InvalidHeaderValue)?;
+            value.set_sensitive(true);
+            request = request.header(AUTHORIZATION, value);
+        }
+        (Some(secret), ClientAuth::Post) => {
+            fields.push(("client_id", &client.id));
+            fields.push(("client_secret", secret.expose()));
+        }
+        // A public client identifies itself without a secret.
+        (None, _) => fields.push(("client_id", &client.id)),
+    }
+    request
+        .body(Full::new(Bytes::from(form::form(fields))))
+        .map_err(|_| AuthError::InsecureUrl {
+            url: endpoint.to_string(),
+        })
+}
+
+/// The transport a builder was given, or the default one.
+pub(crate) fn transport_or_default(
+    transport: Option<HttpTransport>,
+) -> Result<HttpTransport, AuthError> {
+    match transport {
+        Some(transport) => Ok(transport),
+        #[cfg(feature = "rustls")]
+        None => Ok(default_transport()),
+        #[cfg(not(feature = "rustls"))]
+        None => Err(AuthError::transport(
+            "no HTTP transport: enable the `rustls` feature or pass one with `.transport(..)`",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_or_loopback_http() {
+        assert!(checked_url("https://login.example.com/oauth/token", false).is_ok());
+        assert!(checked_url("http://127.0.0.1:8080/token", false).is_ok());
+        assert!(checked_url("http://[::1]:8080/token", false).is_ok());
+        assert!(checked_url("http://localhost/token", false).is_ok());
+        assert!(matches!(
+            checked_url("http://login.example.com/token", false),
+            Err(AuthError::InsecureUrl { .. })
+        ));
+        assert!(checked_url("http://login.example.com/token", true).is_ok());
+        assert!(checked_url("ftp://x/token", true).is_err());
+        assert!(checked_url("/token", true).is_err());
+    }
+
+    #[test]
+    fn basic_auth_form_encodes_id_and_secret_and_is_sensitive() {
+        let client = Client {
+            id: "batch basic".into(),
+            secret: Some(Secret::new("b@tch s3cret/+&=")),
+            auth: ClientAuth::Basic,
+        };
+        let endpoint: Uri = "https://idp/token".parse().unwrap();
+        let request =
+            token_request(&endpoint, &client, &[("grant_type", "client_credentials")]).unwrap();
+        let header = &request.headers()[AUTHORIZATION];
+        assert!(header.is_sensitive());
+        let expected = form::base64(b"batch+basic:b%40tch+s3cret%2F%2B%26%3D");
+        assert_eq!(header.to_str().unwrap(), format!("Basic {expected}"));
+        assert!(!format!("{client:?}").contains("b@tch"));
+    }
+}
