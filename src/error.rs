@@ -397,4 +397,3 @@ mod tests {
         assert!(chain[1].contains("within 30s"), "{chain:?}");
     }
 }
-
