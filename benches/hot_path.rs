@@ -200,6 +200,7 @@ fn bench_kind<B>(
     make_request: &dyn Fn() -> Request<B>,
 ) where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<tower::BoxError>,
 {
     let bare = Ok200;
     let baseline = add_authorization().layer(Ok200);

@@ -46,6 +46,7 @@ pub mod oauth2;
 pub mod predicate;
 pub mod provider;
 pub mod replay;
+pub mod retry;
 mod retry_after;
 mod service;
 pub mod token;

@@ -11,7 +11,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::mem;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -20,6 +19,10 @@ use bytes::{Buf, Bytes};
 use http::{request, Extensions, HeaderMap, HeaderValue, Method, Request, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tower::BoxError;
+
+const NOT_REPLAYABLE: &str =
+    "request body cannot be replayed: the first attempt had not sent all of it, or it outgrew the cap";
 
 /// Default largest request body kept for a replay: 64 KiB.
 pub const DEFAULT_MAX_REPLAY_BODY: usize = 64 * 1024;
@@ -48,6 +51,11 @@ pin_project! {
             chunks: VecDeque<Bytes>,
             trailers: Option<HeaderMap>,
         },
+        // A copy made before the first attempt finished: it replays the recording once that is
+        // complete (checked with `ReplayBody::is_replayable` before it is sent).
+        Deferred {
+            recording: Arc<Mutex<Recording>>,
+        },
     }
 }
 
@@ -63,12 +71,68 @@ impl<B> ReplayBody<B> {
         }
     }
 
+    /// Wrap `body` so that it can be sent again: the chunks are kept (as `Bytes` references) while
+    /// the first attempt streams them, up to `cap` bytes. Use it for a streaming body below a
+    /// retry layer that sits outside the [`AuthLayer`](crate::AuthLayer); bodies that are cheap to
+    /// clone (`Full`, `Empty`) need no wrapping.
+    pub fn recorded(body: B, cap: usize) -> Self
+    where
+        B: Body<Data = Bytes>,
+    {
+        let recording = Recording::start(&body, cap);
+        Self {
+            kind: Kind::Streaming { body, recording },
+        }
+    }
+
     fn replay(chunks: Vec<Bytes>, trailers: Option<HeaderMap>) -> Self {
         Self {
             kind: Kind::Replay {
                 chunks: chunks.into(),
                 trailers,
             },
+        }
+    }
+
+    /// A copy that sends the same bytes again, if this body can be replayed at all: it is a
+    /// replay already, or it records what it streams and has not outgrown its cap.
+    ///
+    /// The copy can be sent once the original finished streaming; until then
+    /// [`is_replayable`](Self::is_replayable) is `false` for it.
+    pub fn try_clone(&self) -> Option<Self> {
+        let kind = match &self.kind {
+            Kind::Streaming {
+                recording: Some(recording),
+                ..
+            } => {
+                if lock(recording).state == RecordingState::Abandoned {
+                    return None;
+                }
+                Kind::Deferred {
+                    recording: recording.clone(),
+                }
+            }
+            Kind::Streaming {
+                recording: None, ..
+            } => return None,
+            Kind::Replay { chunks, trailers } => Kind::Replay {
+                chunks: chunks.clone(),
+                trailers: trailers.clone(),
+            },
+            Kind::Deferred { recording } => Kind::Deferred {
+                recording: recording.clone(),
+            },
+        };
+        Some(Self { kind })
+    }
+
+    /// Whether sending this body now sends the complete original bytes: `false` for a copy whose
+    /// original is still streaming, outgrew the cap or failed.
+    pub fn is_replayable(&self) -> bool {
+        match &self.kind {
+            Kind::Streaming { .. } => false,
+            Kind::Replay { .. } => true,
+            Kind::Deferred { recording } => lock(recording).state == RecordingState::Complete,
         }
     }
 }
@@ -78,6 +142,7 @@ impl<B> fmt::Debug for ReplayBody<B> {
         let kind = match &self.kind {
             Kind::Streaming { .. } => "streaming",
             Kind::Replay { .. } => "replay",
+            Kind::Deferred { .. } => "deferred replay",
         };
         f.debug_struct("ReplayBody")
             .field("kind", &kind)
@@ -88,31 +153,48 @@ impl<B> fmt::Debug for ReplayBody<B> {
 impl<B> Body for ReplayBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Streaming {
-                mut body,
-                recording,
-            } => {
-                let frame = ready!(body.as_mut().poll_frame(cx));
-                if let Some(recording) = recording {
-                    let ended = body.is_end_stream();
-                    lock(recording).record(&frame, ended);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut kind = self.project().kind;
+        loop {
+            match kind.as_mut().project() {
+                KindProj::Streaming {
+                    mut body,
+                    recording,
+                } => {
+                    let frame = ready!(body.as_mut().poll_frame(cx));
+                    if let Some(recording) = recording {
+                        let ended = body.is_end_stream();
+                        lock(recording).record(&frame, ended);
+                    }
+                    return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
                 }
-                Poll::Ready(frame)
-            }
-            KindProj::Replay { chunks, trailers } => {
-                if let Some(chunk) = chunks.pop_front() {
-                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                KindProj::Replay { chunks, trailers } => {
+                    if let Some(chunk) = chunks.pop_front() {
+                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                    }
+                    return Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                KindProj::Deferred { recording } => {
+                    let replay = {
+                        let recording = lock(recording);
+                        if recording.state != RecordingState::Complete {
+                            return Poll::Ready(Some(Err(NOT_REPLAYABLE.into())));
+                        }
+                        Kind::Replay {
+                            chunks: recording.chunks.iter().cloned().collect(),
+                            trailers: recording.trailers.clone(),
+                        }
+                    };
+                    kind.set(replay);
+                }
             }
         }
     }
@@ -121,6 +203,12 @@ where
         match &self.kind {
             Kind::Streaming { body, .. } => body.is_end_stream(),
             Kind::Replay { chunks, trailers } => chunks.is_empty() && trailers.is_none(),
+            Kind::Deferred { recording } => {
+                let recording = lock(recording);
+                recording.state == RecordingState::Complete
+                    && recording.len == 0
+                    && recording.trailers.is_none()
+            }
         }
     }
 
@@ -129,6 +217,13 @@ where
             Kind::Streaming { body, .. } => body.size_hint(),
             Kind::Replay { chunks, .. } => {
                 SizeHint::with_exact(chunks.iter().map(|c| c.remaining() as u64).sum())
+            }
+            Kind::Deferred { recording } => {
+                let recording = lock(recording);
+                match recording.state {
+                    RecordingState::Complete => SizeHint::with_exact(recording.len as u64),
+                    _ => SizeHint::default(),
+                }
             }
         }
     }
@@ -155,6 +250,24 @@ enum RecordingState {
 }
 
 impl Recording {
+    /// A recording for `body`, unless it is known to be too large (then nothing is kept).
+    fn start<B: Body>(body: &B, cap: usize) -> Option<Arc<Mutex<Recording>>> {
+        if body.size_hint().lower() > cap as u64 {
+            return None;
+        }
+        Some(Arc::new(Mutex::new(Recording {
+            chunks: Vec::new(),
+            len: 0,
+            cap,
+            trailers: None,
+            state: if body.is_end_stream() {
+                RecordingState::Complete
+            } else {
+                RecordingState::Recording
+            },
+        })))
+    }
+
     fn record<E>(&mut self, frame: &Option<Result<Frame<Bytes>, E>>, ended: bool) {
         if self.state != RecordingState::Recording {
             return;
@@ -226,16 +339,10 @@ impl ReplayRequest {
     {
         let (recording, body_replay) = if body.is_end_stream() {
             (None, BodyReplay::Empty)
-        } else if body.size_hint().lower() > cap as u64 {
-            return (ReplayBody::new(body), None);
         } else {
-            let recording = Arc::new(Mutex::new(Recording {
-                chunks: Vec::new(),
-                len: 0,
-                cap,
-                trailers: None,
-                state: RecordingState::Recording,
-            }));
+            let Some(recording) = Recording::start(&body, cap) else {
+                return (ReplayBody::new(body), None);
+            };
             (Some(recording.clone()), BodyReplay::Recorded(recording))
         };
         let replay = ReplayRequest {
@@ -262,12 +369,12 @@ impl ReplayRequest {
         let body = match self.body {
             BodyReplay::Empty => ReplayBody::replay(Vec::new(), None),
             BodyReplay::Recorded(recording) => {
-                let mut recording = lock(&recording);
+                let recording = lock(&recording);
                 if recording.state != RecordingState::Complete {
                     return None;
                 }
-                let trailers = recording.trailers.take();
-                ReplayBody::replay(mem::take(&mut recording.chunks), trailers)
+                // Copies of the references: a retry layer may replay the same recording too.
+                ReplayBody::replay(recording.chunks.clone(), recording.trailers.clone())
             }
         };
         let mut request = Request::new(body);

@@ -201,6 +201,21 @@ struct ApiState {
     total_records: usize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// The `Retry-After` value 429s carry.
+    retry_after: Mutex<String>,
+    /// Every n-th request gets a 429 (0: never).
+    throttle_every: AtomicUsize,
+    /// A published limit the API enforces with 429s: at most `n` requests per window.
+    rate_limit: Mutex<Option<RateWindow>>,
+    /// A published limit of requests in flight at once (0: none), enforced with 429s.
+    concurrency_limit: AtomicUsize,
+}
+
+struct RateWindow {
+    limit: usize,
+    per: Duration,
+    started: Instant,
+    count: usize,
 }
 
 /// An API that checks the bearer token on every request.
@@ -228,6 +243,10 @@ impl Api {
             total_records,
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            retry_after: Mutex::new("1".to_owned()),
+            throttle_every: AtomicUsize::new(0),
+            rate_limit: Mutex::new(None),
+            concurrency_limit: AtomicUsize::new(0),
         });
         let handler_state = state.clone();
         let addr = serve(move |request| api_handle(handler_state.clone(), request)).await;
@@ -270,6 +289,50 @@ impl Api {
     pub fn set_latency(&self, latency: Duration) {
         *self.state.latency.lock().unwrap() = latency;
     }
+
+    /// The `Retry-After` value of the 429s (default `1`).
+    pub fn set_retry_after(&self, value: &str) {
+        *self.state.retry_after.lock().unwrap() = value.to_owned();
+    }
+
+    /// Answer every `n`-th request with 429 (0 turns it off).
+    pub fn throttle_every(&self, n: usize) {
+        self.state.throttle_every.store(n, Ordering::SeqCst);
+    }
+
+    /// Enforce a published rate limit: more than `limit` requests in a window of `per` (which
+    /// starts with the first request after the last window ended) get 429.
+    pub fn enforce_rate(&self, limit: usize, per: Duration) {
+        *self.state.rate_limit.lock().unwrap() = Some(RateWindow {
+            limit,
+            per,
+            started: Instant::now(),
+            count: 0,
+        });
+    }
+
+    /// Enforce a limit of `limit` requests in flight at once with 429s.
+    pub fn enforce_concurrency(&self, limit: usize) {
+        self.state.concurrency_limit.store(limit, Ordering::SeqCst);
+    }
+}
+
+fn over_published_limits(state: &ApiState, in_flight: usize) -> bool {
+    let concurrency = state.concurrency_limit.load(Ordering::SeqCst);
+    if concurrency > 0 && in_flight > concurrency {
+        return true;
+    }
+    let mut rate = state.rate_limit.lock().unwrap();
+    let Some(window) = rate.as_mut() else {
+        return false;
+    };
+    let now = Instant::now();
+    if now >= window.started + window.per {
+        window.started = now;
+        window.count = 0;
+    }
+    window.count += 1;
+    window.count > window.limit
 }
 
 async fn api_handle(
@@ -315,12 +378,10 @@ async fn api_answer(state: &ApiState, request: Request<Incoming>) -> Response<Fu
         .throttle_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
-    if throttled {
-        let mut response = respond(StatusCode::TOO_MANY_REQUESTS, "slow down");
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return response;
+    let every = state.throttle_every.load(Ordering::SeqCst);
+    let periodic = every > 0 && state.counters.requests.load(Ordering::SeqCst) % every == 0;
+    if throttled || periodic {
+        return too_many_requests(state);
     }
     match path.as_str() {
         "/echo" => match request.into_body().collect().await {
@@ -351,6 +412,16 @@ fn contacts_page(state: &ApiState, query: &str) -> Response<Full<Bytes>> {
     response.headers_mut().insert(
         "x-total-pages",
         header::HeaderValue::from_str(&pages.to_string()).unwrap(),
+    );
+    response
+}
+
+fn too_many_requests(state: &ApiState) -> Response<Full<Bytes>> {
+    let mut response = respond(StatusCode::TOO_MANY_REQUESTS, "slow down");
+    let retry_after = state.retry_after.lock().unwrap().clone();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from_str(&retry_after).unwrap(),
     );
     response
 }

@@ -1,0 +1,464 @@
+//! A `tower::retry::Policy` for HTTP: retry 429 and 503 as the server asks.
+//!
+//! Batch jobs die of two things mid-way: token expiry (the [`AuthLayer`](crate::AuthLayer)'s job)
+//! and `429 Too Many Requests`. [`RetryPolicy`] answers the second: it honours `Retry-After`
+//! (seconds or an HTTP-date), and without one backs off exponentially with full jitter. A
+//! `Retry-After` longer than the caller accepts (a daily quota answering "come back in 6 hours")
+//! is not slept on: the response goes back at once.
+//!
+//! A request is retried only if its body can be sent again, through the same mechanism the
+//! auth layer replays with ([`ReplayableBody`]), and by default only for idempotent methods.
+//!
+//! # Where it goes
+//! Either order works, with a different meaning:
+//! - **outside** the auth layer (`Retry -> AuthLayer -> client`, recommended): every attempt
+//!   passes through the auth layer and takes the current token; a 401 inside an attempt is
+//!   replayed there, once.
+//! - **inside** it (`AuthLayer -> Retry -> client`): attempts reuse the token the request left
+//!   with; a streaming body is wrapped once by the auth layer and its recording serves both the
+//!   retries and the 401 replay.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::retry::RetryLayer;
+//! use tower::ServiceBuilder;
+//! use tower_auth_refresh::retry::RetryPolicy;
+//! use tower_auth_refresh::{AuthLayer, StaticToken, Token};
+//!
+//! let policy = RetryPolicy::builder()
+//!     .max_retries(5)
+//!     .max_retry_after(Duration::from_secs(60))
+//!     .build();
+//! let stack = ServiceBuilder::new()
+//!     .layer(RetryLayer::new(policy.clone()))
+//!     .layer(AuthLayer::new(StaticToken::new(Token::new("secret"))));
+//! # drop(stack);
+//! // `policy.retries()` counts the retries made through every clone.
+//! assert_eq!(policy.retries(), 0);
+//! ```
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::RETRY_AFTER;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Empty, Full};
+use tokio::time::{Instant, Sleep};
+use tower::retry::Policy;
+
+use crate::replay::ReplayBody;
+
+/// A request body that can be sent again.
+///
+/// Implemented for [`ReplayBody`] (which keeps what it streamed, up to a cap) and for bodies
+/// that are cheap to clone. Wrap any other streaming body with [`ReplayBody::recorded`].
+pub trait ReplayableBody: Sized {
+    /// A copy that sends the same bytes, or `None` if this body cannot be replayed.
+    fn try_clone_body(&self) -> Option<Self>;
+
+    /// Whether the copy can be sent now (its original may still be streaming).
+    fn is_replayable(&self) -> bool {
+        true
+    }
+}
+
+impl<B> ReplayableBody for ReplayBody<B> {
+    fn try_clone_body(&self) -> Option<Self> {
+        self.try_clone()
+    }
+
+    fn is_replayable(&self) -> bool {
+        ReplayBody::is_replayable(self)
+    }
+}
+
+impl ReplayableBody for Full<Bytes> {
+    fn try_clone_body(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+impl ReplayableBody for Empty<Bytes> {
+    fn try_clone_body(&self) -> Option<Self> {
+        Some(*self)
+    }
+}
+
+/// Retries throttled requests, honouring `Retry-After`. See the [module docs](self).
+///
+/// Cheap to clone; clones share the settings and the [`retries`](Self::retries) counter, and
+/// tower clones the policy once per request, so the attempt count is per request.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    settings: Arc<Settings>,
+    retries_made: u32,
+    first_attempt_at: Option<Instant>,
+    jitter: u64,
+}
+
+struct Settings {
+    statuses: Vec<StatusCode>,
+    retry_errors: bool,
+    any_method: bool,
+    max_retries: u32,
+    max_elapsed: Option<Duration>,
+    base_delay: Duration,
+    max_delay: Duration,
+    max_retry_after: Duration,
+    retries: AtomicU64,
+    given_back: AtomicU64,
+}
+
+impl RetryPolicy {
+    /// The defaults: see [`RetryPolicyBuilder`].
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// Options, each with a documented default.
+    pub fn builder() -> RetryPolicyBuilder {
+        RetryPolicyBuilder {
+            statuses: vec![
+                StatusCode::TOO_MANY_REQUESTS,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ],
+            retry_errors: false,
+            any_method: false,
+            max_retries: 3,
+            max_elapsed: None,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(3 * 60),
+        }
+    }
+
+    /// Retries made so far, through every clone of this policy.
+    pub fn retries(&self) -> u64 {
+        self.settings.retries.load(Ordering::Relaxed)
+    }
+
+    /// Responses handed back at once because their `Retry-After` was longer than
+    /// [`max_retry_after`](RetryPolicyBuilder::max_retry_after).
+    pub fn given_back(&self) -> u64 {
+        self.settings.given_back.load(Ordering::Relaxed)
+    }
+
+    /// How long to wait before retry number `self.retries_made + 1` without a `Retry-After`:
+    /// full jitter over an exponential ceiling, `random(0 ..= min(max_delay, base * 2^n))`.
+    fn backoff(&mut self) -> Duration {
+        let settings = &self.settings;
+        let ceiling = settings
+            .base_delay
+            .saturating_mul(1u32 << self.retries_made.min(20))
+            .min(settings.max_delay);
+        // xorshift64*: enough to spread clients apart, no dependency needed.
+        self.jitter ^= self.jitter >> 12;
+        self.jitter ^= self.jitter << 25;
+        self.jitter ^= self.jitter >> 27;
+        let random = self.jitter.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let fraction = (random >> 11) as f64 / (1u64 << 53) as f64;
+        ceiling.mul_f64(fraction)
+    }
+
+    /// The wait a response asks for, or `None` when it is not to be retried.
+    fn wait_for<B>(&mut self, response: &Response<B>) -> Option<Duration> {
+        if !self.settings.statuses.contains(&response.status()) {
+            return None;
+        }
+        let asked = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|value| crate::retry_after::parse(value, SystemTime::now()));
+        match asked {
+            Some(wait) if wait > self.settings.max_retry_after => {
+                self.settings.given_back.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    retry_after = ?wait,
+                    "Retry-After longer than the longest accepted wait; returning the response"
+                );
+                None
+            }
+            Some(wait) => Some(wait),
+            None => Some(self.backoff()),
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPolicy
+where
+    B: ReplayableBody,
+{
+    type Future = Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut Request<B>,
+        result: &mut Result<Response<ResBody>, E>,
+    ) -> Option<Sleep> {
+        if self.retries_made >= self.settings.max_retries || !request.body().is_replayable() {
+            return None;
+        }
+        let wait = match result {
+            Ok(response) => self.wait_for(response)?,
+            Err(_) if self.settings.retry_errors => self.backoff(),
+            Err(_) => return None,
+        };
+        if let (Some(limit), Some(first)) = (self.settings.max_elapsed, self.first_attempt_at) {
+            if first.elapsed().saturating_add(wait) > limit {
+                return None;
+            }
+        }
+        self.retries_made += 1;
+        self.settings.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(retry = self.retries_made, wait = ?wait, "retrying throttled request");
+        Some(tokio::time::sleep(wait))
+    }
+
+    fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
+        if !self.settings.any_method && !is_idempotent(request.method()) {
+            return None;
+        }
+        self.first_attempt_at.get_or_insert_with(Instant::now);
+        let body = request.body().try_clone_body()?;
+        let mut clone = Request::new(body);
+        *clone.method_mut() = request.method().clone();
+        *clone.uri_mut() = request.uri().clone();
+        *clone.version_mut() = request.version();
+        *clone.headers_mut() = request.headers().clone();
+        *clone.extensions_mut() = request.extensions().clone();
+        Some(clone)
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+impl fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
+        f.debug_struct("RetryPolicy")
+            .field("statuses", &s.statuses)
+            .field("retry_errors", &s.retry_errors)
+            .field("any_method", &s.any_method)
+            .field("max_retries", &s.max_retries)
+            .field("max_elapsed", &s.max_elapsed)
+            .field("max_retry_after", &s.max_retry_after)
+            .field("retries", &self.retries())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for [`RetryPolicy`]. Every option has a documented default.
+#[derive(Clone, Debug)]
+pub struct RetryPolicyBuilder {
+    statuses: Vec<StatusCode>,
+    retry_errors: bool,
+    any_method: bool,
+    max_retries: u32,
+    max_elapsed: Option<Duration>,
+    base_delay: Duration,
+    max_delay: Duration,
+    max_retry_after: Duration,
+}
+
+impl RetryPolicyBuilder {
+    /// Also retry this status, for example `502 Bad Gateway` or `504 Gateway Timeout`.
+    /// Default: 429 and 503 only.
+    pub fn retry_status(mut self, status: StatusCode) -> Self {
+        if !self.statuses.contains(&status) {
+            self.statuses.push(status);
+        }
+        self
+    }
+
+    /// Retry when the inner service fails (connection refused or reset, timeouts below the
+    /// retry layer). Default: `false`.
+    pub fn retry_errors(mut self, retry: bool) -> Self {
+        self.retry_errors = retry;
+        self
+    }
+
+    /// Retry every method, not only the idempotent ones. Default: `false`; a POST that was
+    /// throttled was not acted on, but only the API can promise that.
+    pub fn retry_any_method(mut self, any: bool) -> Self {
+        self.any_method = any;
+        self
+    }
+
+    /// At most this many retries per request. Default: 3.
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// Do not retry once this much time has passed since the first attempt (counting the
+    /// coming wait). Default: no limit besides `max_retries`.
+    pub fn max_elapsed(mut self, limit: Duration) -> Self {
+        self.max_elapsed = Some(limit);
+        self
+    }
+
+    /// Without `Retry-After`, wait up to `base * 2^n` (with full jitter) before retry `n + 1`,
+    /// and never more than `max`. Default: 100 ms, capped at 30 s.
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.base_delay = base;
+        self.max_delay = max;
+        self
+    }
+
+    /// The longest `Retry-After` slept on; a response asking for more goes back to the caller at
+    /// once. Default: 3 minutes.
+    pub fn max_retry_after(mut self, limit: Duration) -> Self {
+        self.max_retry_after = limit;
+        self
+    }
+
+    /// Build the policy.
+    pub fn build(self) -> RetryPolicy {
+        let mut seed = RandomState::new().build_hasher();
+        seed.write_u64(0x5eed);
+        RetryPolicy {
+            settings: Arc::new(Settings {
+                statuses: self.statuses,
+                retry_errors: self.retry_errors,
+                any_method: self.any_method,
+                max_retries: self.max_retries,
+                max_elapsed: self.max_elapsed,
+                base_delay: self.base_delay,
+                max_delay: self.max_delay,
+                max_retry_after: self.max_retry_after,
+                retries: AtomicU64::new(0),
+                given_back: AtomicU64::new(0),
+            }),
+            retries_made: 0,
+            first_attempt_at: None,
+            jitter: seed.finish() | 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use tower::BoxError;
+
+    fn throttled(retry_after: Option<&str>) -> Result<Response<()>, BoxError> {
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        if let Some(value) = retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        }
+        Ok(response)
+    }
+
+    fn clone<B: ReplayableBody>(
+        policy: &mut RetryPolicy,
+        request: &Request<B>,
+    ) -> Option<Request<B>> {
+        Policy::<Request<B>, Response<()>, BoxError>::clone_request(policy, request)
+    }
+
+    fn get() -> Request<Empty<Bytes>> {
+        Request::get("/").body(Empty::new()).unwrap()
+    }
+
+    fn wait(sleep: Option<Sleep>) -> Option<Duration> {
+        sleep.map(|sleep| sleep.deadline() - Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn honours_retry_after_seconds_and_caps_attempts() {
+        let mut policy = RetryPolicy::builder().max_retries(2).build();
+        let mut request = clone(&mut policy, &get()).unwrap();
+        for _ in 0..2 {
+            let slept = wait(policy.retry(&mut request, &mut throttled(Some("7"))));
+            assert_eq!(slept, Some(Duration::from_secs(7)));
+        }
+        assert!(policy
+            .retry(&mut request, &mut throttled(Some("7")))
+            .is_none());
+        assert_eq!(policy.retries(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_retry_after_goes_back_at_once() {
+        let mut policy = RetryPolicy::new();
+        let mut request = clone(&mut policy, &get()).unwrap();
+        assert!(policy
+            .retry(&mut request, &mut throttled(Some("21600")))
+            .is_none());
+        assert_eq!((policy.retries(), policy.given_back()), (0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn garbage_retry_after_falls_back_to_bounded_backoff() {
+        let mut policy = RetryPolicy::builder()
+            .max_retries(50)
+            .backoff(Duration::from_millis(100), Duration::from_secs(2))
+            .build();
+        let mut request = clone(&mut policy, &get()).unwrap();
+        for n in 0..50u32 {
+            let slept = wait(policy.retry(&mut request, &mut throttled(Some("soon")))).unwrap();
+            let ceiling = Duration::from_millis(100)
+                .saturating_mul(1 << n.min(20))
+                .min(Duration::from_secs(2));
+            assert!(slept <= ceiling, "retry {n}: {slept:?} > {ceiling:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_statuses_and_errors_are_not_retried_by_default() {
+        let mut policy = RetryPolicy::new();
+        let mut request = clone(&mut policy, &get()).unwrap();
+        let mut ok: Result<Response<()>, BoxError> = Ok(Response::new(()));
+        assert!(policy.retry(&mut request, &mut ok).is_none());
+        let mut failed: Result<Response<()>, BoxError> = Err("connection reset".into());
+        assert!(policy.retry(&mut request, &mut failed).is_none());
+        let mut policy = RetryPolicy::builder().retry_errors(true).build();
+        assert!(policy.retry(&mut request, &mut failed).is_some());
+    }
+
+    #[test]
+    fn non_idempotent_methods_need_an_opt_in() {
+        let post = Request::post("/")
+            .body(Full::new(Bytes::from("x")))
+            .unwrap();
+        assert!(clone(&mut RetryPolicy::new(), &post).is_none());
+        let mut opted_in = RetryPolicy::builder().retry_any_method(true).build();
+        assert!(clone(&mut opted_in, &post).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn elapsed_limit_stops_retries() {
+        let mut policy = RetryPolicy::builder()
+            .max_retries(10)
+            .max_elapsed(Duration::from_secs(5))
+            .build();
+        let mut request = clone(&mut policy, &get()).unwrap();
+        assert!(policy
+            .retry(&mut request, &mut throttled(Some("3")))
+            .is_some());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(policy
+            .retry(&mut request, &mut throttled(Some("3")))
+            .is_none());
+    }
+}
