@@ -38,9 +38,10 @@ pin_project! {
     #[project = StateProj]
     enum State<F, B> {
         // The first attempt waits for a token.
+        // Boxed: only the slow path needs it, and it would double the size of every future.
         WaitToken {
             wait: RefreshWait,
-            request: Option<Request<ReplayBody<B>>>,
+            request: Option<Box<Request<ReplayBody<B>>>>,
         },
         First {
             #[pin]
@@ -100,7 +101,7 @@ where
     ) -> Self {
         let state = State::WaitToken {
             wait,
-            request: Some(request),
+            request: Some(Box::new(request)),
         };
         Self::new(state, Some(service), replay, 0, Some(settings))
     }
@@ -140,13 +141,14 @@ where
             match this.state.as_mut().project() {
                 StateProj::WaitToken { wait, request } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
-                    let (Some(mut request), Some(service), Some(settings)) = (
+                    let (Some(request), Some(service), Some(settings)) = (
                         request.take(),
                         this.service.as_mut(),
                         this.settings.as_ref(),
                     ) else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
+                    let mut request = *request;
                     request
                         .headers_mut()
                         .insert(settings.header_name.clone(), credential.header);
@@ -165,7 +167,7 @@ where
                     }
                     settings.cache.invalidate(*this.generation);
                     let replayable = this.service.is_some()
-                        && this.replay.as_ref().is_some_and(ReplayRequest::is_ready);
+                        && this.replay.as_ref().is_some_and(|replay| replay.is_ready());
                     if !replayable {
                         tracing::debug!(
                             status = %response.status(),

@@ -328,7 +328,7 @@ impl ReplayRequest {
     /// Prepare a request for a possible replay: returns the body for the first attempt and,
     /// when the body can be kept within `cap`, what the replay needs.
     ///
-    /// Call it before the token is added, so the copied headers never hold a token.
+    /// The copied headers may hold the first attempt's token; the replay overwrites it.
     pub(crate) fn prepare<B>(
         parts: &request::Parts,
         body: B,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::Entry;
 use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
@@ -81,12 +82,30 @@ where
         let settings = &self.settings;
         let (mut parts, body) = request.into_parts();
 
-        if settings.existing == ExistingAuthorization::Keep
-            && parts.headers.contains_key(&settings.header_name)
-        {
-            let request = Request::from_parts(parts, ReplayBody::new(body));
-            return ResponseFuture::passthrough(self.inner.call(request));
-        }
+        // One lookup decides both whether the caller brought its own credential and where ours
+        // goes.
+        let acquired = match parts.headers.entry(&settings.header_name) {
+            Entry::Occupied(_) if settings.existing == ExistingAuthorization::Keep => {
+                let request = Request::from_parts(parts, ReplayBody::new(body));
+                return ResponseFuture::passthrough(self.inner.call(request));
+            }
+            entry => match settings.cache.acquire() {
+                Acquire::Ready(credential) => {
+                    match entry {
+                        Entry::Occupied(mut occupied) => {
+                            occupied.insert(credential.header);
+                        }
+                        Entry::Vacant(vacant) => {
+                            vacant.insert(credential.header);
+                        }
+                    }
+                    Ok(credential.generation)
+                }
+                Acquire::Wait(wait) => Err(wait),
+                // The ready inner service stays here, reserved for the next call.
+                Acquire::Failed(error) => return ResponseFuture::failed(error),
+            },
+        };
 
         let replay_allowed = settings
             .replay_if
@@ -97,13 +116,10 @@ where
         } else {
             (ReplayBody::new(body), None)
         };
+        let request = Request::from_parts(parts, body);
 
-        match settings.cache.acquire() {
-            Acquire::Ready(credential) => {
-                parts
-                    .headers
-                    .insert(settings.header_name.clone(), credential.header);
-                let request = Request::from_parts(parts, body);
+        match acquired {
+            Ok(generation) => {
                 // A replay needs the service again: keep the one that is ready for this call
                 // and leave a fresh clone behind (tower's `mem::replace` idiom).
                 let mut service = replay.as_ref().map(|_| self.take_ready_service());
@@ -115,19 +131,17 @@ where
                     future,
                     service,
                     replay,
-                    credential.generation,
+                    generation,
                     self.settings.clone(),
                 )
             }
-            Acquire::Wait(wait) => ResponseFuture::waiting_for_token(
+            Err(wait) => ResponseFuture::waiting_for_token(
                 wait,
-                Request::from_parts(parts, body),
+                request,
                 self.take_ready_service(),
                 replay,
                 self.settings.clone(),
             ),
-            // The ready inner service stays here, reserved for the next call.
-            Acquire::Failed(error) => ResponseFuture::failed(error),
         }
     }
 }

@@ -51,17 +51,28 @@ pub async fn discover(
     allow_insecure_http: bool,
 ) -> Result<ProviderMetadata, AuthError> {
     let issuer = issuer.trim_end_matches('/');
-    checked_url(issuer, allow_insecure_http)?;
+    let issuer_uri = checked_url(issuer, allow_insecure_http)?;
     let failed = |reason: String| AuthError::Discovery {
         issuer: issuer.to_owned(),
         reason,
     };
+    // OpenID Connect Discovery appends its well-known path to the issuer; RFC 8414 (section
+    // 3.1) inserts its own between the host and the issuer's path.
+    let origin = format!(
+        "{}://{}",
+        issuer_uri.scheme_str().unwrap_or("https"),
+        issuer_uri
+            .authority()
+            .map(|a| a.as_str())
+            .unwrap_or_default()
+    );
+    let path = issuer_uri.path().trim_end_matches('/');
+    let candidates = [
+        format!("{issuer}/.well-known/openid-configuration"),
+        format!("{origin}/.well-known/oauth-authorization-server{path}"),
+    ];
     let mut tried = Vec::new();
-    for well_known in [
-        "/.well-known/openid-configuration",
-        "/.well-known/oauth-authorization-server",
-    ] {
-        let url = format!("{issuer}{well_known}");
+    for url in candidates {
         let request = Request::get(&url)
             .header(http::header::ACCEPT, "application/json")
             .body(Full::default())

@@ -95,6 +95,8 @@ impl RefreshTokenGrant {
         let inner = &self.inner;
         let mut current = inner.refresh_token.lock().await;
         let Some(refresh_token) = current.clone() else {
+            // `fall_back` stores the refresh token it may receive: release the lock first.
+            drop(current);
             return self.fall_back("there is no refresh token").await;
         };
         let mut params = vec![
