@@ -10,6 +10,7 @@ use http::{request, HeaderMap, HeaderName, StatusCode};
 use tower_layer::Layer;
 
 use crate::cache::{TokenCache, TokenCacheBuilder};
+use crate::origin::Origin;
 use crate::predicate::{self, RejectionPredicate, ReplayPredicate};
 use crate::provider::TokenProvider;
 use crate::replay::DEFAULT_MAX_REPLAY_BODY;
@@ -72,6 +73,7 @@ pub(crate) struct AuthSettings {
     pub(crate) rejected: Box<RejectionPredicate>,
     pub(crate) replay_if: Option<Box<ReplayPredicate>>,
     pub(crate) existing: ExistingAuthorization,
+    pub(crate) origins: Option<Vec<Origin>>,
 }
 
 impl AuthLayer {
@@ -125,6 +127,7 @@ impl fmt::Debug for AuthSettings {
             .field("max_replay_body", &self.max_replay_body)
             .field("replay_filtered", &self.replay_if.is_some())
             .field("existing", &self.existing)
+            .field("origins", &self.origins)
             .finish_non_exhaustive()
     }
 }
@@ -154,6 +157,7 @@ pub struct AuthLayerBuilder<C> {
     rejected: Box<RejectionPredicate>,
     replay_if: Option<Box<ReplayPredicate>>,
     existing: ExistingAuthorization,
+    origins: Option<Vec<Origin>>,
 }
 
 impl<C> AuthLayerBuilder<C> {
@@ -165,7 +169,25 @@ impl<C> AuthLayerBuilder<C> {
             rejected: Box::new(predicate::unauthorized),
             replay_if: None,
             existing: ExistingAuthorization::Keep,
+            origins: None,
         }
+    }
+
+    /// Send the token only to these origins; requests to any other origin (or with a relative
+    /// URI) pass through without it and are never replayed. Default: every origin, which is
+    /// only safe when the client talks to nothing but the API the token is for.
+    ///
+    /// ```
+    /// use tower_auth_refresh::{AuthLayer, Origin, StaticToken, Token};
+    ///
+    /// let layer = AuthLayer::builder(StaticToken::new(Token::new("secret")))
+    ///     .allowed_origins([Origin::parse("https://api.mypurecloud.ie").unwrap()])
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn allowed_origins(mut self, origins: impl IntoIterator<Item = Origin>) -> Self {
+        self.origins = Some(origins.into_iter().collect());
+        self
     }
 
     /// The header that carries the token. Default: `Authorization`.
@@ -218,6 +240,7 @@ impl<C> AuthLayerBuilder<C> {
                 rejected: self.rejected,
                 replay_if: self.replay_if,
                 existing: self.existing,
+                origins: self.origins,
             }),
         }
     }

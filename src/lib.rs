@@ -43,6 +43,7 @@ mod future;
 pub mod layer;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
+mod origin;
 pub mod predicate;
 pub mod provider;
 pub mod replay;
@@ -55,6 +56,7 @@ pub use cache::{CacheStats, TokenCache, TokenCacheBuilder};
 pub use error::{AuthError, ErrorCode, TokenEndpointError};
 pub use future::ResponseFuture;
 pub use layer::{AuthLayer, AuthLayerBuilder, ExistingAuthorization};
+pub use origin::{InvalidOrigin, Origin};
 pub use provider::{provider_fn, ProviderFn, ProviderFuture, StaticToken, TokenProvider};
 pub use replay::ReplayBody;
 pub use service::AuthService;

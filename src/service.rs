@@ -14,6 +14,7 @@ use tower_service::Service;
 use crate::cache::Acquire;
 use crate::future::ResponseFuture;
 use crate::layer::{AuthSettings, ExistingAuthorization};
+use crate::origin::Origin;
 use crate::replay::{ReplayBody, ReplayRequest};
 
 /// The service an [`AuthLayer`](crate::AuthLayer) builds. See the layer for the behaviour.
@@ -81,6 +82,15 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let settings = &self.settings;
         let (mut parts, body) = request.into_parts();
+
+        // A token goes only to the origins it is meant for.
+        if let Some(origins) = &settings.origins {
+            let allowed = Origin::of(&parts.uri).is_some_and(|origin| origins.contains(&origin));
+            if !allowed {
+                let request = Request::from_parts(parts, ReplayBody::new(body));
+                return ResponseFuture::passthrough(self.inner.call(request));
+            }
+        }
 
         // One lookup decides both whether the caller brought its own credential and where ours
         // goes.

@@ -189,6 +189,8 @@ pub struct ApiCounters {
     pub throttled: AtomicUsize,
     /// Requests that got a 200.
     pub served: AtomicUsize,
+    /// Requests that arrived with an `Authorization` header, valid or not.
+    pub with_authorization: AtomicUsize,
 }
 
 struct ApiState {
@@ -224,6 +226,7 @@ struct RateWindow {
 /// - `POST /echo`: the request body back.
 /// - `POST /reject-early`: 401 at once, without reading the body.
 /// - `GET /always-401`: 401 whatever the token.
+/// - `GET /redirect?to=<url>`: 302 to `<url>`, whatever the token.
 /// - anything else: 200 with the accepted token as the body.
 ///
 /// A missing, unknown or expired token gets 401.
@@ -275,6 +278,14 @@ impl Api {
 
     pub fn throttled(&self) -> usize {
         self.state.counters.throttled.load(Ordering::SeqCst)
+    }
+
+    /// Requests that carried an `Authorization` header at all.
+    pub fn with_authorization(&self) -> usize {
+        self.state
+            .counters
+            .with_authorization
+            .load(Ordering::SeqCst)
     }
 
     /// The most requests the API was serving at the same time.
@@ -341,6 +352,9 @@ async fn api_handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let counters = &state.counters;
     counters.requests.fetch_add(1, Ordering::SeqCst);
+    if request.headers().contains_key(header::AUTHORIZATION) {
+        counters.with_authorization.fetch_add(1, Ordering::SeqCst);
+    }
     let now_in_flight = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state
         .max_in_flight
@@ -364,6 +378,19 @@ async fn api_answer(state: &ApiState, request: Request<Incoming>) -> Response<Fu
     let path = request.uri().path().to_owned();
     if path == "/reject-early" || path == "/always-401" {
         return unauthorized();
+    }
+    if path == "/redirect" {
+        // `/redirect?to=<url>`: a 302 to wherever `to` says, as a pre-signed download would.
+        let to = request
+            .uri()
+            .query()
+            .and_then(|query| query.strip_prefix("to="))
+            .unwrap_or("/");
+        let mut response = respond(StatusCode::FOUND, Bytes::new());
+        response
+            .headers_mut()
+            .insert(header::LOCATION, header::HeaderValue::from_str(to).unwrap());
+        return response;
     }
     let token = request
         .headers()
