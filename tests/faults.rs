@@ -1,0 +1,142 @@
+//! Callers that give up at the worst moment: a request dropped after every possible number of
+//! polls, and a runtime shut down while a refresh runs. Nothing hangs, nothing panics, and the
+//! cache recovers on the next call with exactly the token requests it needs.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_auth_refresh::{AuthError, AuthLayer, TokenCache};
+
+use support::{body_string, client, http_provider, Api, IdentityProvider, IdpMode, TokenRegistry};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn get(api: &Api) -> Request<Empty<Bytes>> {
+    Request::get(api.url("/whoami")).body(Empty::new()).unwrap()
+}
+
+/// Poll `future` `polls` times, yielding in between so loopback IO moves, then drop it.
+async fn poll_then_drop<F: std::future::Future>(future: F, polls: usize) -> bool {
+    let mut future = Box::pin(future);
+    for _ in 0..polls {
+        if futures::poll!(&mut future).is_ready() {
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn dropping_a_request_after_any_number_of_polls_never_wedges_the_cache() {
+    let registry = TokenRegistry::default();
+    let idp = IdentityProvider::start(registry.clone(), Some(HOUR)).await;
+    let api = Api::start(registry.clone(), 0).await;
+
+    let mut completed_before_drop = 0;
+    for polls in 0..40 {
+        // A fresh cache: the dropped request is the one that starts its first refresh.
+        let auth = AuthLayer::new(http_provider(&idp));
+        let service = ServiceBuilder::new().layer(auth.clone()).service(client());
+        if poll_then_drop(service.clone().oneshot(get(&api)), polls).await {
+            completed_before_drop += 1;
+        }
+        let response = service.oneshot(get(&api)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "after {polls} polls");
+        assert_eq!(
+            auth.cache().stats().token_requests,
+            1,
+            "after {polls} polls: the follow-up joined or reused the refresh"
+        );
+    }
+    assert!(
+        completed_before_drop > 0,
+        "the loop reached past the last await point"
+    );
+}
+
+#[tokio::test]
+async fn dropping_a_request_anywhere_on_the_401_path_never_wedges_the_cache() {
+    let registry = TokenRegistry::default();
+    let idp = IdentityProvider::start(registry.clone(), Some(HOUR)).await;
+    let api = Api::start(registry.clone(), 0).await;
+
+    for polls in 0..60 {
+        let auth = AuthLayer::new(http_provider(&idp));
+        let service = ServiceBuilder::new().layer(auth.clone()).service(client());
+        service.clone().oneshot(get(&api)).await.unwrap();
+        registry.revoke_all();
+
+        poll_then_drop(service.clone().oneshot(get(&api)), polls).await;
+        let response = service.oneshot(get(&api)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "after {polls} polls");
+        // One token before the revocation, exactly one after, wherever the drop happened.
+        assert_eq!(
+            auth.cache().stats().token_requests,
+            2,
+            "after {polls} polls"
+        );
+        assert!(body_string(response).await.starts_with("token-"));
+    }
+}
+
+#[test]
+fn a_runtime_shut_down_mid_refresh_leaves_a_cache_that_recovers() {
+    // The servers live on their own runtime, which outlives the client's.
+    let servers = tokio::runtime::Runtime::new().unwrap();
+    let (idp, api) = servers.block_on(async {
+        let registry = TokenRegistry::default();
+        let idp = IdentityProvider::start(registry.clone(), Some(HOUR)).await;
+        let api = Api::start(registry, 0).await;
+        (idp, api)
+    });
+    idp.set_mode(IdpMode::Hang);
+    let cache = TokenCache::builder(http_provider(&idp))
+        .backoff(Duration::ZERO, Duration::ZERO)
+        .build();
+
+    // A first runtime starts a refresh that hangs, then shuts down under it.
+    let first = tokio::runtime::Runtime::new().unwrap();
+    first.block_on(async {
+        let waiting = tokio::time::timeout(Duration::from_millis(200), cache.token()).await;
+        assert!(waiting.is_err(), "the refresh hangs");
+    });
+    drop(first);
+
+    // A second runtime: the cache does not hang on the dead refresh, and recovers.
+    idp.set_mode(IdpMode::Issue);
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut attempts = Vec::new();
+            for _ in 0..3 {
+                match cache.token().await {
+                    Ok(token) => return Ok((token, attempts)),
+                    Err(error) => attempts.push(error),
+                }
+            }
+            Err(attempts)
+        })
+        .await
+        .expect("no hang after the runtime that started the refresh is gone");
+        let (token, failed) =
+            outcome.unwrap_or_else(|errors| panic!("never recovered: {errors:?}"));
+        assert!(token.secret().starts_with("token-"));
+        // The refresh that died with its runtime is reported once, as a typed error (hyper's
+        // connection went with the runtime); the next call refreshes anew.
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(matches!(failed[0], AuthError::Refresh { .. }), "{failed:?}");
+        assert_eq!(cache.stats().token_requests, 2);
+
+        let service = ServiceBuilder::new()
+            .layer(AuthLayer::with_cache(cache.clone()))
+            .service(client());
+        let response = service.oneshot(get(&api)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    });
+}
