@@ -1,0 +1,515 @@
+//! The batch job itself, without a terminal: what `main.rs` runs and `tests/batch_job.rs` drives.
+//!
+//! Every page goes through the stack the crate recommends, outermost first:
+//! `Timeout` -> `Retry` ([`RetryPolicy`]: 429 and 503, honouring `Retry-After`) -> [`AuthLayer`]
+//! (bearer token, one replay after a 401) -> rate limit (`buffer` + `rate_limit`) ->
+//! `concurrency_limit` -> hyper-util client (HTTPS or HTTP, rustls).
+//!
+//! Two ways to run it:
+//! - [`run_embedded`] starts an identity provider and a paginated API on loopback (the servers of
+//!   `tests/support`), with short-lived tokens, periodic 429s and server-side revocations, and
+//!   fetches every page. [`Servers::start`] and [`run_on`] do the same in two steps, so a caller
+//!   can look at the servers afterwards.
+//! - [`run_platform`] asks a real token endpoint (client credentials) and fetches `pages` pages of
+//!   a real API.
+//!
+//! Nothing here prints: progress goes to the `on_page` callback, the outcome to the [`Report`].
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::join_all;
+use http::header::RETRY_AFTER;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::RwLock;
+use tower::retry::RetryLayer;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_auth_refresh::cache::DEFAULT_ADVISORY_WINDOW;
+use tower_auth_refresh::oauth2::{self, genesys, ClientAuth, ClientCredentials, Secret};
+use tower_auth_refresh::retry::RetryPolicy;
+use tower_auth_refresh::{AuthLayer, ReplayBody, TokenCache, TokenProvider};
+
+use crate::support::{Api, IdentityProvider, TokenRegistry};
+
+/// How the job runs. The embedded servers' settings are ignored by [`run_platform`].
+#[derive(Clone, Debug)]
+pub struct JobConfig {
+    /// Records the embedded API serves.
+    pub records: usize,
+    /// Records per page (embedded API).
+    pub page_size: usize,
+    /// How long the embedded identity provider's tokens live, announced in `expires_in`.
+    pub token_lifetime: Duration,
+    /// How long the embedded API takes to answer each request.
+    pub latency: Duration,
+    /// The embedded API answers every n-th request with 429 (0: never).
+    pub throttle_every: usize,
+    /// The `Retry-After` (seconds) of the embedded API's 429s.
+    pub retry_after: u64,
+    /// Pages (from 0) at which the embedded API forgets every token it issued. Each revocation
+    /// waits until no request is in flight and no token refresh is running, so each one costs
+    /// exactly one token request and fails no page.
+    pub revoke_at: Vec<usize>,
+    /// Worker tasks, each fetching one page at a time; also the concurrency limit.
+    pub concurrency: usize,
+    /// Requests per second, through `buffer` + `rate_limit` (`None`: no rate limit).
+    pub rate: Option<u64>,
+    /// The outermost timeout of one page: retries, refresh and replay included.
+    pub timeout: Duration,
+    /// Retries per page after 429 or 503.
+    pub max_retries: u32,
+    /// The longest `Retry-After` slept on; a 429 asking for more is handed back (a failure).
+    pub max_retry_after: Duration,
+}
+
+impl Default for JobConfig {
+    /// 20,000 records in pages of 100, tokens living 3 s, every 50th request throttled with
+    /// `Retry-After: 1`, 250 ms per page, the tokens revoked once at the middle page, 4 workers
+    /// under 200 requests per second: about 15 seconds.
+    fn default() -> Self {
+        let records = 20_000;
+        let page_size = 100;
+        Self {
+            records,
+            page_size,
+            token_lifetime: Duration::from_secs(3),
+            latency: Duration::from_millis(250),
+            throttle_every: 50,
+            retry_after: 1,
+            revoke_at: vec![records.div_ceil(page_size) / 2],
+            concurrency: 4,
+            rate: Some(200),
+            timeout: Duration::from_secs(30),
+            max_retries: 3,
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl JobConfig {
+    /// Pages of the embedded API: `records / page_size`, rounded up.
+    pub fn pages(&self) -> usize {
+        self.records.div_ceil(self.page_size.max(1))
+    }
+}
+
+/// One page done, handed to `on_page` as soon as it is.
+#[derive(Debug)]
+pub struct Page {
+    /// The page number, from 0.
+    pub number: usize,
+    /// The body, or why the page failed (a status that is not a success, or an error).
+    pub result: Result<Bytes, String>,
+    /// Token requests the cache has made so far.
+    pub token_requests: u64,
+    /// 401 replays so far.
+    pub replays: u64,
+    /// 429/503 retries so far.
+    pub retries: u64,
+}
+
+impl Page {
+    /// The page's records: its non-empty lines (none for a failed page).
+    pub fn records(&self) -> impl Iterator<Item = &[u8]> {
+        let body: &[u8] = self.result.as_deref().unwrap_or_default();
+        body.split(|b| *b == b'\n').filter(|line| !line.is_empty())
+    }
+}
+
+/// What the job did.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Where the pages came from (embedded: the first page's URL; platform: the URL pattern).
+    pub api: String,
+    /// The token endpoint asked.
+    pub token_endpoint: String,
+    /// Records fetched (non-empty lines of the pages' bodies).
+    pub records: usize,
+    /// Records expected (embedded mode only).
+    pub records_expected: Option<usize>,
+    /// Pages attempted.
+    pub pages: usize,
+    /// Pages that did not come back with a success: must be 0.
+    pub failures: usize,
+    /// Wall time of the fetching (servers' start and token discovery excluded).
+    pub elapsed: Duration,
+    /// Worker tasks.
+    pub concurrency: usize,
+    /// Token requests the cache made (`auth.cache().stats()`).
+    pub token_requests: u64,
+    /// Token requests that failed.
+    pub refresh_failures: u64,
+    /// Requests replayed with a new token after a 401.
+    pub replays: u64,
+    /// 401s for an already replaced token, absorbed without a token request.
+    pub stale_rejections: u64,
+    /// 429/503 retries ([`RetryPolicy::retries`]).
+    pub retries: u64,
+    /// 429/503s handed back at once, their `Retry-After` being over the longest accepted wait
+    /// ([`RetryPolicy::given_back`]).
+    pub given_back: u64,
+    /// What the embedded servers saw (embedded mode only).
+    pub servers: Option<ServerCounts>,
+}
+
+impl Report {
+    /// No page failed.
+    pub fn succeeded(&self) -> bool {
+        self.failures == 0
+    }
+}
+
+/// What the embedded servers counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerCounts {
+    /// Token requests that reached the identity provider.
+    pub token_requests: usize,
+    /// Requests that reached the API.
+    pub api_requests: usize,
+    /// 401s the API sent.
+    pub unauthorized: usize,
+    /// 429s the API sent.
+    pub throttled: usize,
+    /// Times the API forgot every token.
+    pub revocations: usize,
+}
+
+/// The embedded identity provider and API, on loopback, sharing one token registry.
+#[derive(Clone)]
+pub struct Servers {
+    /// The tokens the identity provider issued; the API checks them.
+    pub registry: TokenRegistry,
+    /// The identity provider: `POST /token`, client credentials.
+    pub idp: IdentityProvider,
+    /// The paginated API: `GET /contacts?page=N&size=M`.
+    pub api: Api,
+}
+
+impl Servers {
+    /// Start both with `config`'s token lifetime, records, latency and throttling.
+    pub async fn start(config: &JobConfig) -> Self {
+        let registry = TokenRegistry::default();
+        let idp = IdentityProvider::start(registry.clone(), Some(config.token_lifetime)).await;
+        let api = Api::start(registry.clone(), config.records).await;
+        api.set_latency(config.latency);
+        api.throttle_every(config.throttle_every);
+        api.set_retry_after(&config.retry_after.to_string());
+        Self { registry, idp, api }
+    }
+
+    /// The URL of page `page` (from 0).
+    pub fn page_url(&self, page: usize, page_size: usize) -> String {
+        self.api
+            .url(&format!("/contacts?page={page}&size={page_size}"))
+    }
+}
+
+/// Start the embedded servers and fetch every page from them.
+pub async fn run_embedded(config: &JobConfig, on_page: impl Fn(&Page)) -> Result<Report, BoxError> {
+    let servers = Servers::start(config).await;
+    run_on(&servers, config, on_page).await
+}
+
+/// Fetch every page from servers started with [`Servers::start`], with client credentials over
+/// HTTP on loopback (the crate's `oauth2::ClientCredentials`, as against a real platform).
+pub async fn run_on(
+    servers: &Servers,
+    config: &JobConfig,
+    on_page: impl Fn(&Page),
+) -> Result<Report, BoxError> {
+    let provider =
+        ClientCredentials::builder(servers.idp.token_url(), "batch", "s3cr3t").build()?;
+    let page_size = config.page_size.max(1);
+    let page_url = |page: usize| servers.page_url(page, page_size);
+    let registry = servers.registry.clone();
+    let revocations = AtomicUsize::new(0);
+    let revoke = || {
+        registry.revoke_all();
+        revocations.fetch_add(1, Ordering::SeqCst);
+    };
+    let disruption = Disruption {
+        at_pages: &config.revoke_at,
+        revoke: &revoke,
+        token_lifetime: config.token_lifetime,
+    };
+    let mut report = run_pages(
+        config,
+        provider,
+        config.pages(),
+        &page_url,
+        Some(disruption),
+        &on_page,
+    )
+    .await?;
+    report.api = page_url(0);
+    report.token_endpoint = servers.idp.token_url();
+    report.records_expected = Some(config.records);
+    report.servers = Some(ServerCounts {
+        token_requests: servers.idp.token_requests(),
+        api_requests: servers.api.requests(),
+        unauthorized: servers.api.rejected(),
+        throttled: servers.api.throttled(),
+        revocations: revocations.load(Ordering::SeqCst),
+    });
+    Ok(report)
+}
+
+/// A real platform: its API and its token endpoint, with client credentials.
+#[derive(Clone, Debug)]
+pub struct Platform {
+    /// The API; `{page}` is replaced by the page number, from 1.
+    pub api_url: String,
+    /// Pages to fetch.
+    pub pages: usize,
+    /// Where tokens come from.
+    pub token_endpoint: TokenEndpoint,
+    /// The OAuth client id.
+    pub client_id: String,
+    /// The OAuth client secret (redacted by `Debug`).
+    pub client_secret: Secret,
+    /// The `scope` to ask for.
+    pub scope: Option<String>,
+    /// How the client authenticates (default: HTTP Basic, or what discovery prefers).
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Where a platform's tokens come from.
+#[derive(Clone, Debug)]
+pub enum TokenEndpoint {
+    /// This token endpoint.
+    Url(String),
+    /// Genesys Cloud's, for a domain such as `mypurecloud.ie`.
+    GenesysRegion(String),
+    /// The one an OpenID provider's metadata names (NICE CXone: `https://cxone.niceincontact.com`).
+    Issuer(String),
+}
+
+/// Ask `platform`'s token endpoint (found through discovery for an issuer) and fetch its pages.
+pub async fn run_platform(
+    config: &JobConfig,
+    platform: &Platform,
+    on_page: impl Fn(&Page),
+) -> Result<Report, BoxError> {
+    let (id, secret) = (platform.client_id.clone(), platform.client_secret.clone());
+    let (mut builder, token_endpoint) = match &platform.token_endpoint {
+        TokenEndpoint::Url(url) => (
+            ClientCredentials::builder(url.clone(), id, secret),
+            url.clone(),
+        ),
+        TokenEndpoint::GenesysRegion(domain) => {
+            let region = genesys::Region::Domain(domain.clone());
+            let url = region.token_url();
+            (genesys::client_credentials(region, id, secret), url)
+        }
+        TokenEndpoint::Issuer(issuer) => {
+            let metadata = oauth2::discover(issuer, &oauth2::default_transport(), false).await?;
+            let url = metadata.token_endpoint.clone();
+            (ClientCredentials::from_metadata(&metadata, id, secret), url)
+        }
+    };
+    if let Some(scope) = &platform.scope {
+        builder = builder.scope(scope.clone());
+    }
+    if let Some(auth) = platform.client_auth {
+        builder = builder.auth_method(auth);
+    }
+    let page_url = |page: usize| platform.api_url.replace("{page}", &(page + 1).to_string());
+    let mut report = run_pages(
+        config,
+        builder.build()?,
+        platform.pages,
+        &page_url,
+        None,
+        &on_page,
+    )
+    .await?;
+    report.api = platform.api_url.clone();
+    report.token_endpoint = token_endpoint;
+    Ok(report)
+}
+
+/// Server-side revocations at known pages.
+struct Disruption<'a> {
+    at_pages: &'a [usize],
+    revoke: &'a (dyn Fn() + Sync),
+    /// The lifetime the identity provider gives its tokens.
+    token_lifetime: Duration,
+}
+
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Fetch pages `0..pages` with `config.concurrency` workers through the whole stack.
+async fn run_pages(
+    config: &JobConfig,
+    provider: impl TokenProvider,
+    pages: usize,
+    page_url: &(dyn Fn(usize) -> String + Sync),
+    disruption: Option<Disruption<'_>>,
+    on_page: &dyn Fn(&Page),
+) -> Result<Report, BoxError> {
+    let concurrency = config.concurrency.max(1);
+    let https: Https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let http = Client::builder(TokioExecutor::new()).build::<_, ReplayBody<Empty<Bytes>>>(https);
+    let policy = RetryPolicy::builder()
+        .max_retries(config.max_retries)
+        .max_retry_after(config.max_retry_after)
+        .build();
+    let auth = AuthLayer::new(provider);
+    let rate_limit = match config.rate {
+        Some(0) => return Err("the rate limit must be at least 1 request per second".into()),
+        Some(rate) => Some(
+            ServiceBuilder::new()
+                .buffer(concurrency * 2)
+                .rate_limit(rate, Duration::from_secs(1))
+                .into_inner(),
+        ),
+        None => None,
+    };
+    let service = ServiceBuilder::new()
+        .timeout(config.timeout)
+        .layer(RetryLayer::new(policy.clone()))
+        .layer(auth.clone())
+        .option_layer(rate_limit)
+        // The two sides of `option_layer` must fail alike; `Buffer` fails with a `BoxError`.
+        .map_err(BoxError::from)
+        .concurrency_limit(concurrency)
+        .service(http);
+
+    // Held for reading by every page in flight, for writing by a revocation.
+    let gate = RwLock::new(());
+    let next_page = AtomicUsize::new(0);
+    let records = AtomicUsize::new(0);
+    let failures = AtomicUsize::new(0);
+    let started = Instant::now();
+
+    let worker = || async {
+        loop {
+            let page = next_page.fetch_add(1, Ordering::SeqCst);
+            if page >= pages {
+                break;
+            }
+            let revoke = disruption
+                .as_ref()
+                .filter(|disruption| disruption.at_pages.contains(&page));
+            let in_flight = match revoke {
+                // With no request in flight, every request after the revocation carries the
+                // current token; with no refresh running, the next token is issued after the
+                // revocation. So it costs exactly one token request, and every request that
+                // meets its 401 succeeds on the replay. The guard is downgraded, not dropped:
+                // the next revocation waits until this page, which meets this one, is done.
+                Some(disruption) => {
+                    let quiet = gate.write().await;
+                    young_token(auth.cache(), disruption.token_lifetime).await;
+                    (disruption.revoke)();
+                    quiet.downgrade()
+                }
+                None => gate.read().await,
+            };
+            let result = fetch(service.clone(), page_url(page)).await;
+            drop(in_flight);
+            let stats = auth.cache().stats();
+            let page = Page {
+                number: page,
+                result,
+                token_requests: stats.token_requests,
+                replays: stats.replays,
+                retries: policy.retries(),
+            };
+            match &page.result {
+                Ok(_) => records.fetch_add(page.records().count(), Ordering::SeqCst),
+                Err(_) => failures.fetch_add(1, Ordering::SeqCst),
+            };
+            on_page(&page);
+        }
+    };
+    join_all((0..concurrency).map(|_| worker())).await;
+
+    let elapsed = started.elapsed();
+    let stats = auth.cache().stats();
+    Ok(Report {
+        api: String::new(),
+        token_endpoint: String::new(),
+        records: records.into_inner(),
+        records_expected: None,
+        pages,
+        failures: failures.into_inner(),
+        elapsed,
+        concurrency,
+        token_requests: stats.token_requests,
+        refresh_failures: stats.refresh_failures,
+        replays: stats.replays,
+        stale_rejections: stats.stale_rejections,
+        retries: policy.retries(),
+        given_back: policy.given_back(),
+        servers: None,
+    })
+}
+
+/// Wait (a bounded while) until the cache holds a token young enough that no background refresh
+/// is due or running.
+///
+/// A revocation while a refresh is on its way back would revoke the token being issued as well:
+/// the requests that met a 401 would be replayed with it, meet a second 401 and fail, since the
+/// auth layer replays a request once. A real API revoking at a random moment can do that too; the
+/// embedded one revokes when it cannot.
+async fn young_token(cache: &TokenCache, lifetime: Duration) {
+    // The advisory window of the cache's default options, for a token of this lifetime, and a
+    // margin for the time between the token request and its answer.
+    let advisory = DEFAULT_ADVISORY_WINDOW.min(lifetime / 2) + lifetime / 10;
+    let give_up = tokio::time::Instant::now() + lifetime + Duration::from_secs(5);
+    while tokio::time::Instant::now() < give_up {
+        let expires_at = match cache.token().await {
+            Ok(token) => token.expires_at(),
+            Err(_) => Some(tokio::time::Instant::now()),
+        };
+        let Some(expires_at) = expires_at else {
+            return;
+        };
+        if expires_at.saturating_duration_since(tokio::time::Instant::now()) > advisory {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One GET through the stack: the body of a success, or why there is none.
+async fn fetch<S>(service: S, url: String) -> Result<Bytes, String>
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<Incoming>, Error = BoxError>,
+{
+    let request = Request::get(&url)
+        .body(Empty::new())
+        .map_err(|error| format!("{url}: {error}"))?;
+    let response = service.oneshot(request).await.map_err(|error| {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message = format!("{message}: {cause}");
+            source = cause.source();
+        }
+        message
+    })?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(match response.headers().get(RETRY_AFTER) {
+            Some(wait) => format!("{status} (Retry-After: {})", wait.to_str().unwrap_or("?")),
+            None => status.to_string(),
+        });
+    }
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|error| format!("{status}, then reading the body failed: {error}"))?;
+    Ok(body.to_bytes())
+}

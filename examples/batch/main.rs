@@ -1,0 +1,437 @@
+//! A paginated batch that outlives its tokens, the job this crate exists for.
+//!
+//! `cargo run --example batch` starts an identity provider and a paginated API on loopback (the
+//! same real hyper servers the tests use) and fetches every page through the whole stack:
+//! `Timeout` -> retry of 429/503 (`RetryPolicy`) -> `AuthLayer` -> rate limit -> concurrency
+//! limit -> hyper-util client. Tokens live 3 seconds, every 50th request is throttled with a
+//! `Retry-After`, and halfway through the API forgets every token it issued. A progress bar shows
+//! the pages, and a table at the end what it took: token requests, 401 replays, 429 retries,
+//! failures (the exit status is non-zero if any page failed). `--help` lists the options.
+//!
+//! Against a real platform instead, set `API_URL` (a `{page}` in it is replaced by the page
+//! number, from 1), `CLIENT_ID`, `CLIENT_SECRET` (environment only), `PAGES` (default 10),
+//! optionally `SCOPE` and `CLIENT_AUTH=post`, and one of `TOKEN_URL`, `GENESYS_REGION` (a Genesys
+//! Cloud domain such as `mypurecloud.ie`) or `ISSUER` (OpenID discovery; NICE CXone's is
+//! `https://cxone.niceincontact.com`). Each also works as a flag. See README.md.
+//!
+//! The job itself is in `job.rs`, which `tests/batch_job.rs` runs too.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+mod job;
+
+use std::cell::Cell;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+use tower::BoxError;
+use tower_auth_refresh::oauth2::{ClientAuth, Secret};
+
+use job::{JobConfig, Page, Platform, Report, TokenEndpoint};
+
+const AFTER_HELP: &str = "\
+Without --api-url (API_URL), the job runs against an identity provider and a paginated API it
+starts on 127.0.0.1, and needs no network.
+
+With it, the job runs against a real platform: CLIENT_ID and CLIENT_SECRET (the secret from the
+environment only), and one of TOKEN_URL, GENESYS_REGION or ISSUER. For example:
+
+  GENESYS_REGION=mypurecloud.ie CLIENT_ID=... CLIENT_SECRET=... \\
+  API_URL='https://api.mypurecloud.ie/api/v2/users?pageSize=100&pageNumber={page}' PAGES=20 \\
+  cargo run --example batch
+
+The exit status is 1 if any page failed.";
+
+/// A paginated batch that outlives its tokens, through the whole tower stack.
+#[derive(Parser, Debug)]
+#[command(name = "batch", after_help = AFTER_HELP)]
+struct Args {
+    /// Records the embedded API serves
+    #[arg(long, env = "RECORDS", default_value_t = JobConfig::default().records)]
+    records: usize,
+
+    /// Records per page (embedded API)
+    #[arg(long, env = "PAGE_SIZE", default_value_t = JobConfig::default().page_size,
+          value_parser = at_least_one)]
+    page_size: usize,
+
+    /// Seconds the embedded identity provider's tokens live, announced in expires_in
+    #[arg(long, value_name = "SECONDS", value_parser = seconds,
+          default_value_t = JobConfig::default().token_lifetime.as_secs_f64())]
+    token_lifetime: f64,
+
+    /// Seconds the embedded API takes per request
+    #[arg(long, value_name = "SECONDS", value_parser = seconds,
+          default_value_t = JobConfig::default().latency.as_secs_f64())]
+    latency: f64,
+
+    /// The embedded API answers every n-th request with 429 (0: never)
+    #[arg(long, value_name = "N", default_value_t = JobConfig::default().throttle_every)]
+    throttle_every: usize,
+
+    /// The Retry-After, in seconds, of the embedded API's 429s
+    #[arg(long, value_name = "SECONDS", default_value_t = JobConfig::default().retry_after)]
+    retry_after: u64,
+
+    /// Pages (from 0) at which the embedded API forgets every token [default: the middle page;
+    /// the flag alone: never]
+    #[arg(long, value_name = "PAGE", value_delimiter = ',', num_args = 0..)]
+    revoke_at: Option<Vec<usize>>,
+
+    /// Worker tasks fetching pages at the same time
+    #[arg(long, env = "WORKERS", default_value_t = JobConfig::default().concurrency,
+          value_parser = at_least_one)]
+    concurrency: usize,
+
+    /// Requests per second, at most (0: no limit)
+    #[arg(long, value_name = "PER_SECOND",
+          default_value_t = JobConfig::default().rate.unwrap_or(0))]
+    rate: u64,
+
+    /// Seconds one page may take, retries, token refresh and 401 replay included
+    #[arg(long, value_name = "SECONDS", value_parser = seconds,
+          default_value_t = JobConfig::default().timeout.as_secs_f64())]
+    timeout: f64,
+
+    /// Retries of one page after 429 or 503
+    #[arg(long, default_value_t = JobConfig::default().max_retries)]
+    max_retries: u32,
+
+    /// The longest Retry-After slept on; a 429 asking for more is a failure
+    #[arg(long, value_name = "SECONDS", value_parser = seconds,
+          default_value_t = JobConfig::default().max_retry_after.as_secs_f64())]
+    max_retry_after: f64,
+
+    /// A real API instead of the embedded one; {page} is replaced by the page number, from 1
+    #[arg(long, env = "API_URL", help_heading = "Real platform")]
+    api_url: Option<String>,
+
+    /// Pages to fetch from the real API
+    #[arg(
+        long,
+        env = "PAGES",
+        default_value_t = 10,
+        help_heading = "Real platform"
+    )]
+    pages: usize,
+
+    /// The OAuth client id (the secret comes from CLIENT_SECRET in the environment only)
+    #[arg(long, env = "CLIENT_ID", help_heading = "Real platform")]
+    client_id: Option<String>,
+
+    /// The token endpoint
+    #[arg(long, env = "TOKEN_URL", help_heading = "Real platform")]
+    token_url: Option<String>,
+
+    /// A Genesys Cloud domain, such as mypurecloud.ie (when no token URL is given)
+    #[arg(
+        long,
+        env = "GENESYS_REGION",
+        value_name = "DOMAIN",
+        help_heading = "Real platform"
+    )]
+    genesys_region: Option<String>,
+
+    /// An OpenID provider whose token endpoint is discovered, such as
+    /// https://cxone.niceincontact.com (when neither of the above is given)
+    #[arg(long, env = "ISSUER", help_heading = "Real platform")]
+    issuer: Option<String>,
+
+    /// The scope to ask for
+    #[arg(long, env = "SCOPE", help_heading = "Real platform")]
+    scope: Option<String>,
+
+    /// How the client secret is sent [default: basic, or what discovery prefers]
+    #[arg(long, env = "CLIENT_AUTH", value_enum, help_heading = "Real platform")]
+    client_auth: Option<ClientAuthArg>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ClientAuthArg {
+    /// HTTP Basic
+    Basic,
+    /// Form fields
+    Post,
+}
+
+fn seconds(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(seconds),
+        _ => Err(format!("`{value}` is not a number of seconds")),
+    }
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{value}` is not a whole number of at least 1")),
+    }
+}
+
+impl Args {
+    fn config(&self) -> JobConfig {
+        let mut config = JobConfig {
+            records: self.records,
+            page_size: self.page_size,
+            token_lifetime: Duration::from_secs_f64(self.token_lifetime),
+            latency: Duration::from_secs_f64(self.latency),
+            throttle_every: self.throttle_every,
+            retry_after: self.retry_after,
+            revoke_at: Vec::new(),
+            concurrency: self.concurrency,
+            rate: (self.rate > 0).then_some(self.rate),
+            timeout: Duration::from_secs_f64(self.timeout),
+            max_retries: self.max_retries,
+            max_retry_after: Duration::from_secs_f64(self.max_retry_after),
+        };
+        config.revoke_at = match &self.revoke_at {
+            Some(pages) => pages.clone(),
+            None => vec![config.pages() / 2],
+        };
+        config
+    }
+
+    fn platform(&self, api_url: &str) -> Result<Platform, BoxError> {
+        let client_id = self
+            .client_id
+            .clone()
+            .ok_or("CLIENT_ID (or --client-id) is not set")?;
+        let client_secret =
+            std::env::var("CLIENT_SECRET").map_err(|_| "CLIENT_SECRET is not set")?;
+        let token_endpoint = match (&self.token_url, &self.genesys_region, &self.issuer) {
+            (Some(url), _, _) => TokenEndpoint::Url(url.clone()),
+            (None, Some(domain), _) => TokenEndpoint::GenesysRegion(domain.clone()),
+            (None, None, Some(issuer)) => TokenEndpoint::Issuer(issuer.clone()),
+            (None, None, None) => return Err("set TOKEN_URL, GENESYS_REGION or ISSUER".into()),
+        };
+        Ok(Platform {
+            api_url: api_url.to_owned(),
+            pages: self.pages,
+            token_endpoint,
+            client_id,
+            client_secret: Secret::new(client_secret),
+            scope: self.scope.clone(),
+            client_auth: self.client_auth.map(|auth| match auth {
+                ClientAuthArg::Basic => ClientAuth::Basic,
+                ClientAuthArg::Post => ClientAuth::Post,
+            }),
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args).await {
+        Ok(report) => {
+            print_report(&report);
+            if !report.succeeded() {
+                eprintln!(
+                    "error: {} of {} pages failed",
+                    report.failures, report.pages
+                );
+                ExitCode::FAILURE
+            } else if let Some(expected) = report
+                .records_expected
+                .filter(|expected| *expected != report.records)
+            {
+                eprintln!("error: fetched {} of {expected} records", report.records);
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &Args) -> Result<Report, BoxError> {
+    let config = args.config();
+    match &args.api_url {
+        Some(api_url) => {
+            let platform = args.platform(api_url)?;
+            println!(
+                "{} pages of {api_url}, {} workers",
+                platform.pages, config.concurrency
+            );
+            let bar = progress_bar(platform.pages);
+            let report = job::run_platform(&config, &platform, |page| bar.on_page(page)).await;
+            bar.finish();
+            report
+        }
+        None => {
+            println!(
+                "embedded identity provider and API on 127.0.0.1: {} records, {} per page, \
+                 {} workers",
+                config.records, config.page_size, config.concurrency
+            );
+            println!(
+                "tokens live {:?}; {}; {:?} per request; tokens revoked at {}",
+                config.token_lifetime,
+                match config.throttle_every {
+                    0 => "no 429s".to_owned(),
+                    n => format!(
+                        "1 request in {n} gets 429 (Retry-After: {})",
+                        config.retry_after
+                    ),
+                },
+                config.latency,
+                match config.revoke_at.as_slice() {
+                    [] => "no page".to_owned(),
+                    pages => format!("page {pages:?}"),
+                },
+            );
+            let bar = progress_bar(config.pages());
+            let report = job::run_embedded(&config, |page| bar.on_page(page)).await;
+            bar.finish();
+            report
+        }
+    }
+}
+
+/// An indicatif bar over the pages; where it cannot draw (stderr is not a terminal), a line at
+/// every tenth of the way instead.
+struct Bar {
+    bar: ProgressBar,
+    pages: usize,
+    done: Cell<usize>,
+}
+
+fn progress_bar(pages: usize) -> Bar {
+    let bar = ProgressBar::new(pages as u64);
+    let template =
+        "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} pages, {rate}, ETA {eta}\n  {msg}";
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.1} pages/s", state.per_sec());
+                },
+            )
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    Bar {
+        bar,
+        pages,
+        done: Cell::new(0),
+    }
+}
+
+impl Bar {
+    fn on_page(&self, page: &Page) {
+        let status = format!(
+            "{} token requests, {} 401 replays, {} 429 retries",
+            page.token_requests, page.replays, page.retries
+        );
+        if let Err(error) = &page.result {
+            self.bar
+                .suspend(|| eprintln!("page {} failed: {error}", page.number));
+        }
+        let done = self.done.get() + 1;
+        self.done.set(done);
+        self.bar.set_message(status.clone());
+        self.bar.inc(1);
+        let tenth = (self.pages / 10).max(1);
+        if self.bar.is_hidden() && (done % tenth == 0 || done == self.pages) {
+            println!(
+                "  {:>3}% {done}/{} pages, {:.1} s, {status}",
+                done * 100 / self.pages.max(1),
+                self.pages,
+                self.bar.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn print_report(report: &Report) {
+    let seconds = report.elapsed.as_secs_f64();
+    let mut rows: Vec<(&str, String, String)> = Vec::new();
+    rows.push((
+        "records",
+        report.records.to_string(),
+        match report.records_expected {
+            Some(expected) => format!("of {expected}"),
+            None => "non-empty lines of the bodies".to_owned(),
+        },
+    ));
+    rows.push((
+        "pages",
+        report.pages.to_string(),
+        match report.servers {
+            Some(servers) => format!(
+                "{} workers; the API answered {} requests",
+                report.concurrency, servers.api_requests
+            ),
+            None => format!("{} workers", report.concurrency),
+        },
+    ));
+    rows.push((
+        "wall time",
+        format!("{seconds:.2} s"),
+        format!("{:.1} pages/s", report.pages as f64 / seconds.max(1e-9)),
+    ));
+    rows.push((
+        "token requests",
+        report.token_requests.to_string(),
+        match report.servers {
+            Some(servers) => format!(
+                "identity provider saw {}; {} refresh failures",
+                servers.token_requests, report.refresh_failures
+            ),
+            None => format!("{} refresh failures", report.refresh_failures),
+        },
+    ));
+    rows.push((
+        "401 replays",
+        report.replays.to_string(),
+        match report.servers {
+            Some(servers) => format!(
+                "API sent {} 401s, revoked every token {} time(s); {} of the 401s were for \
+                 an already replaced token",
+                servers.unauthorized, servers.revocations, report.stale_rejections
+            ),
+            None => format!(
+                "{} of the 401s were for an already replaced token",
+                report.stale_rejections
+            ),
+        },
+    ));
+    rows.push((
+        "429 retries",
+        report.retries.to_string(),
+        match report.servers {
+            Some(servers) => format!("API sent {} 429s", servers.throttled),
+            None => String::new(),
+        },
+    ));
+    rows.push((
+        "429s handed back",
+        report.given_back.to_string(),
+        "Retry-After over the longest accepted wait".to_owned(),
+    ));
+    rows.push(("failures", report.failures.to_string(), String::new()));
+
+    println!();
+    println!("api             {}", report.api);
+    println!("token endpoint  {}", report.token_endpoint);
+    println!();
+    let width = rows.iter().map(|(_, n, _)| n.len()).max().unwrap_or(0);
+    println!("  {:<18} {:>width$}  detail", "", "count");
+    println!("  {:-<18} {:->width$}  {:-<40}", "", "", "");
+    for (what, count, detail) in rows {
+        println!("  {what:<18} {count:>width$}  {detail}");
+    }
+}
