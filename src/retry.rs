@@ -101,15 +101,9 @@ pub struct RetryPolicy {
     jitter: u64,
 }
 
+/// The options, and the counters every clone shares.
 struct Settings {
-    statuses: Vec<StatusCode>,
-    retry_errors: bool,
-    any_method: bool,
-    max_retries: u32,
-    max_elapsed: Option<Duration>,
-    base_delay: Duration,
-    max_delay: Duration,
-    max_retry_after: Duration,
+    options: RetryPolicyBuilder,
     retries: AtomicU64,
     given_back: AtomicU64,
 }
@@ -151,11 +145,11 @@ impl RetryPolicy {
     /// How long to wait before retry number `self.retries_made + 1` without a `Retry-After`:
     /// full jitter over an exponential ceiling, `random(0 ..= min(max_delay, base * 2^n))`.
     fn backoff(&mut self) -> Duration {
-        let settings = &self.settings;
-        let ceiling = settings
+        let options = &self.settings.options;
+        let ceiling = options
             .base_delay
             .saturating_mul(1u32 << self.retries_made.min(20))
-            .min(settings.max_delay);
+            .min(options.max_delay);
         // xorshift64*: enough to spread clients apart, no dependency needed.
         self.jitter ^= self.jitter >> 12;
         self.jitter ^= self.jitter << 25;
@@ -167,7 +161,7 @@ impl RetryPolicy {
 
     /// The wait a response asks for, or `None` when it is not to be retried.
     fn wait_for<B>(&mut self, response: &Response<B>) -> Option<Duration> {
-        if !self.settings.statuses.contains(&response.status()) {
+        if !self.settings.options.statuses.contains(&response.status()) {
             return None;
         }
         let asked = response
@@ -175,7 +169,7 @@ impl RetryPolicy {
             .get(RETRY_AFTER)
             .and_then(|value| crate::retry_after::parse(value, SystemTime::now()));
         match asked {
-            Some(wait) if wait > self.settings.max_retry_after => {
+            Some(wait) if wait > self.settings.options.max_retry_after => {
                 self.settings.given_back.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     retry_after = ?wait,
@@ -206,15 +200,18 @@ where
         request: &mut Request<B>,
         result: &mut Result<Response<ResBody>, E>,
     ) -> Option<Sleep> {
-        if self.retries_made >= self.settings.max_retries || !request.body().is_replayable() {
+        if self.retries_made >= self.settings.options.max_retries || !request.body().is_replayable()
+        {
             return None;
         }
         let wait = match result {
             Ok(response) => self.wait_for(response)?,
-            Err(_) if self.settings.retry_errors => self.backoff(),
+            Err(_) if self.settings.options.retry_errors => self.backoff(),
             Err(_) => return None,
         };
-        if let (Some(limit), Some(first)) = (self.settings.max_elapsed, self.first_attempt_at) {
+        if let (Some(limit), Some(first)) =
+            (self.settings.options.max_elapsed, self.first_attempt_at)
+        {
             if first.elapsed().saturating_add(wait) > limit {
                 return None;
             }
@@ -226,7 +223,7 @@ where
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
-        if !self.settings.any_method && !is_idempotent(request.method()) {
+        if !self.settings.options.any_method && !is_idempotent(request.method()) {
             return None;
         }
         self.first_attempt_at.get_or_insert_with(Instant::now);
@@ -250,15 +247,10 @@ fn is_idempotent(method: &Method) -> bool {
 
 impl fmt::Debug for RetryPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = &self.settings;
         f.debug_struct("RetryPolicy")
-            .field("statuses", &s.statuses)
-            .field("retry_errors", &s.retry_errors)
-            .field("any_method", &s.any_method)
-            .field("max_retries", &s.max_retries)
-            .field("max_elapsed", &s.max_elapsed)
-            .field("max_retry_after", &s.max_retry_after)
+            .field("options", &self.settings.options)
             .field("retries", &self.retries())
+            .field("given_back", &self.given_back())
             .finish_non_exhaustive()
     }
 }
@@ -334,14 +326,7 @@ impl RetryPolicyBuilder {
         seed.write_u64(0x5eed);
         RetryPolicy {
             settings: Arc::new(Settings {
-                statuses: self.statuses,
-                retry_errors: self.retry_errors,
-                any_method: self.any_method,
-                max_retries: self.max_retries,
-                max_elapsed: self.max_elapsed,
-                base_delay: self.base_delay,
-                max_delay: self.max_delay,
-                max_retry_after: self.max_retry_after,
+                options: self,
                 retries: AtomicU64::new(0),
                 given_back: AtomicU64::new(0),
             }),

@@ -9,8 +9,6 @@
 mod support;
 
 use std::future::{ready, Ready};
-use std::io;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,7 +19,6 @@ use tower::retry::{Policy, RetryLayer};
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_auth_refresh::AuthLayer;
 use tower_http::trace::{DefaultMakeSpan, TraceLayer};
-use tracing_subscriber::fmt::MakeWriter;
 
 use support::{body_string, client, http_provider, Api, IdentityProvider, IdpMode, TokenRegistry};
 
@@ -61,33 +58,6 @@ impl<B: Clone, R> Policy<Request<B>, Response<R>, BoxError> for RetryThrottled {
     }
 }
 
-/// Everything a tracing subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 async fn world() -> (IdentityProvider, Api, TokenRegistry) {
     let registry = TokenRegistry::default();
     let idp = IdentityProvider::start(registry.clone(), Some(HOUR)).await;
@@ -103,13 +73,7 @@ fn get(api: &Api) -> Request<Full<Bytes>> {
 
 #[tokio::test]
 async fn limits_hold_on_replays_retries_wrap_them_and_no_token_is_traced() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(captured.clone())
-        .finish();
-    let _trace = tracing::subscriber::set_default(subscriber);
+    let (captured, _trace) = support::capture_traces();
 
     let (idp, api, registry) = world().await;
     let auth = AuthLayer::new(http_provider(&idp));

@@ -7,10 +7,9 @@
 //! [`token_server::manual_clock`]: time moves only on `advance`, which makes their counts exact.
 //! The others run on the real clock and assert nothing about time but generous bounds.
 
+mod support;
 mod token_server;
 
-use std::io;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -26,7 +25,6 @@ use tower_auth_refresh::oauth2::{
     RefreshTokenGrant,
 };
 use tower_auth_refresh::{AuthError, AuthLayer, ErrorCode, ReplayBody, TokenCache, TokenProvider};
-use tracing_subscriber::fmt::MakeWriter;
 
 use token_server::{
     base64, basic_header, form_encode, manual_clock, raw_request, until, AuthUsed, Fault, Metadata,
@@ -1123,33 +1121,6 @@ async fn plain_http_to_another_host_needs_an_explicit_opt_in() {
 
 // --- 10. redaction ----------------------------------------------------------------------------
 
-/// Everything a tracing subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 #[tokio::test]
 async fn debug_output_never_shows_a_secret() {
     let server = TokenServer::start().await;
@@ -1181,14 +1152,7 @@ async fn debug_output_never_shows_a_secret() {
 
 #[tokio::test]
 async fn trace_output_never_shows_a_secret_during_a_fallback() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(captured.clone())
-        .finish();
-    // A current-thread runtime: every task, the server's included, traces here.
-    let _trace = tracing::subscriber::set_default(subscriber);
+    let (captured, _trace) = support::capture_traces();
 
     let server = TokenServer::start().await;
     let dead = server.issue_refresh_token(BASIC_ID);

@@ -17,7 +17,8 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_auth_refresh::{AuthError, AuthLayer, AuthService, TokenCache};
 
 use support::{
-    body_string, client, http_provider, manual_clock, Api, IdentityProvider, IdpMode, TokenRegistry,
+    body_string, client, http_provider, manual_clock, until, Api, IdentityProvider, IdpMode,
+    TokenRegistry,
 };
 
 type Client = hyper_util::client::legacy::Client<
@@ -73,17 +74,6 @@ fn auth_error(result: &Result<(StatusCode, String), tower::BoxError>) -> &AuthEr
             .unwrap_or_else(|| panic!("not an AuthError: {error}")),
         Ok(answer) => panic!("expected an error, got {answer:?}"),
     }
-}
-
-/// Yield until `condition` holds: lets loopback IO progress without moving the clock.
-async fn until(mut condition: impl FnMut() -> bool) {
-    for _ in 0..100_000 {
-        if condition() {
-            return;
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("condition never held");
 }
 
 #[tokio::test(start_paused = true)]

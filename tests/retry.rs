@@ -17,7 +17,7 @@ use tower_auth_refresh::retry::RetryPolicy;
 use tower_auth_refresh::AuthLayer;
 
 use support::{
-    body_string, client, http_provider, manual_clock, Api, IdentityProvider, TokenRegistry,
+    body_string, client, http_provider, manual_clock, until, Api, IdentityProvider, TokenRegistry,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -27,17 +27,6 @@ async fn world() -> (IdentityProvider, Api, TokenRegistry) {
     let idp = IdentityProvider::start(registry.clone(), Some(HOUR)).await;
     let api = Api::start(registry.clone(), 0).await;
     (idp, api, registry)
-}
-
-/// Yield until `condition` holds, without moving the clock.
-async fn until(mut condition: impl FnMut() -> bool) {
-    for _ in 0..100_000 {
-        if condition() {
-            return;
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("condition never held");
 }
 
 fn payload(len: usize) -> Bytes {

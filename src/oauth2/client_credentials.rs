@@ -4,11 +4,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::Uri;
-
 use super::discovery::ProviderMetadata;
 use super::transport::{send, HttpTransport};
-use super::{checked_url, token_request, transport_or_default, Client, ClientAuth, Secret};
+use super::{token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::AuthError;
 use crate::provider::{ProviderFuture, TokenProvider};
 use crate::Token;
@@ -34,10 +32,8 @@ pub struct ClientCredentials {
 }
 
 struct Inner {
-    endpoint: Uri,
-    client: Client,
+    endpoint: Endpoint,
     params: Vec<(String, String)>,
-    transport: HttpTransport,
 }
 
 impl ClientCredentials {
@@ -47,16 +43,14 @@ impl ClientCredentials {
         client_id: impl Into<String>,
         client_secret: impl Into<Secret>,
     ) -> ClientCredentialsBuilder {
+        let client = Client {
+            id: client_id.into(),
+            secret: Some(client_secret.into()),
+            auth: ClientAuth::default(),
+        };
         ClientCredentialsBuilder {
-            token_url: token_url.into(),
-            client: Client {
-                id: client_id.into(),
-                secret: Some(client_secret.into()),
-                auth: ClientAuth::default(),
-            },
+            endpoint: EndpointOptions::new(token_url.into(), client),
             params: Vec::new(),
-            transport: None,
-            allow_insecure_http: false,
         }
     }
 
@@ -74,10 +68,11 @@ impl ClientCredentials {
     /// Ask the token endpoint for a new token.
     pub async fn request_token(&self) -> Result<Token, AuthError> {
         let inner = &self.inner;
+        let endpoint = &inner.endpoint;
         let mut params: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
         params.extend(inner.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let request = token_request(&inner.endpoint, &inner.client, &params)?;
-        let answer = send(&inner.transport, request).await?;
+        let request = token_request(&endpoint.uri, &endpoint.client, &params)?;
+        let answer = send(&endpoint.transport, request).await?;
         super::response::token_from(&answer, SystemTime::now())
     }
 }
@@ -96,8 +91,8 @@ impl TokenProvider for ClientCredentials {
 impl fmt::Debug for ClientCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientCredentials")
-            .field("endpoint", &self.inner.endpoint)
-            .field("client", &self.inner.client)
+            .field("endpoint", &self.inner.endpoint.uri)
+            .field("client", &self.inner.endpoint.client)
             .field("params", &self.inner.params)
             .finish_non_exhaustive()
     }
@@ -105,17 +100,14 @@ impl fmt::Debug for ClientCredentials {
 
 /// Options for [`ClientCredentials`].
 pub struct ClientCredentialsBuilder {
-    token_url: String,
-    client: Client,
+    endpoint: EndpointOptions,
     params: Vec<(String, String)>,
-    transport: Option<HttpTransport>,
-    allow_insecure_http: bool,
 }
 
 impl ClientCredentialsBuilder {
     /// How the client authenticates. Default: [`ClientAuth::Basic`].
     pub fn auth_method(mut self, auth: ClientAuth) -> Self {
-        self.client.auth = auth;
+        self.endpoint.client.auth = auth;
         self
     }
 
@@ -132,26 +124,23 @@ impl ClientCredentialsBuilder {
 
     /// The HTTP client for token requests. Default: [`default_transport`](super::default_transport).
     pub fn transport(mut self, transport: HttpTransport) -> Self {
-        self.transport = Some(transport);
+        self.endpoint.transport = Some(transport);
         self
     }
 
     /// Allow a plain `http` token URL on a host that is not loopback. Default: refused, since
     /// the client secret would cross the network in clear text.
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
-        self.allow_insecure_http = allow;
+        self.endpoint.allow_insecure_http = allow;
         self
     }
 
     /// Check the URL and build the provider.
     pub fn build(self) -> Result<ClientCredentials, AuthError> {
-        let endpoint = checked_url(&self.token_url, self.allow_insecure_http)?;
         Ok(ClientCredentials {
             inner: Arc::new(Inner {
-                endpoint,
-                client: self.client,
+                endpoint: self.endpoint.check()?,
                 params: self.params,
-                transport: transport_or_default(self.transport)?,
             }),
         })
     }
@@ -160,8 +149,7 @@ impl ClientCredentialsBuilder {
 impl fmt::Debug for ClientCredentialsBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientCredentialsBuilder")
-            .field("token_url", &self.token_url)
-            .field("client", &self.client)
+            .field("endpoint", &self.endpoint)
             .field("params", &self.params)
             .finish_non_exhaustive()
     }

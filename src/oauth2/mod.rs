@@ -194,18 +194,49 @@ pub(crate) fn token_request(
         })
 }
 
-/// The transport a builder was given, or the default one.
-pub(crate) fn transport_or_default(
-    transport: Option<HttpTransport>,
-) -> Result<HttpTransport, AuthError> {
-    match transport {
-        Some(transport) => Ok(transport),
-        #[cfg(feature = "rustls")]
-        None => Ok(default_transport()),
-        #[cfg(not(feature = "rustls"))]
-        None => Err(AuthError::transport(
-            "no HTTP transport: enable the `rustls` feature or pass one with `.transport(..)`",
-        )),
+/// What every token-source builder collects: where to send, as whom, and how.
+#[derive(Debug)]
+pub(crate) struct EndpointOptions {
+    pub(crate) token_url: String,
+    pub(crate) client: Client,
+    pub(crate) transport: Option<HttpTransport>,
+    pub(crate) allow_insecure_http: bool,
+}
+
+/// [`EndpointOptions`], checked: the URL passed the policy and a transport is chosen.
+pub(crate) struct Endpoint {
+    pub(crate) uri: Uri,
+    pub(crate) client: Client,
+    pub(crate) transport: HttpTransport,
+}
+
+impl EndpointOptions {
+    pub(crate) fn new(token_url: String, client: Client) -> Self {
+        Self {
+            token_url,
+            client,
+            transport: None,
+            allow_insecure_http: false,
+        }
+    }
+
+    /// Check the URL against the policy and pick the transport (the default one if none).
+    pub(crate) fn check(self) -> Result<Endpoint, AuthError> {
+        let uri = checked_url(&self.token_url, self.allow_insecure_http)?;
+        let transport = match self.transport {
+            Some(transport) => transport,
+            #[cfg(feature = "rustls")]
+            None => default_transport(),
+            #[cfg(not(feature = "rustls"))]
+            None => return Err(AuthError::transport(
+                "no HTTP transport: enable the `rustls` feature or pass one with `.transport(..)`",
+            )),
+        };
+        Ok(Endpoint {
+            uri,
+            client: self.client,
+            transport,
+        })
     }
 }
 

@@ -4,12 +4,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::Uri;
 use tokio::sync::Mutex;
 
 use super::client_credentials::ClientCredentials;
 use super::transport::{send, HttpTransport};
-use super::{checked_url, token_request, transport_or_default, Client, ClientAuth, Secret};
+use super::{token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::{AuthError, ErrorCode};
 use crate::provider::{ProviderFuture, TokenProvider};
 use crate::Token;
@@ -41,10 +40,8 @@ pub struct RefreshTokenGrant {
 }
 
 struct Inner {
-    endpoint: Uri,
-    client: Client,
+    endpoint: Endpoint,
     scope: Option<String>,
-    transport: HttpTransport,
     /// The refresh token to use next. An async mutex, held across the request: two refreshes
     /// racing with one rotating token would make the second one fail.
     refresh_token: Mutex<Option<Secret>>,
@@ -58,17 +55,15 @@ impl RefreshTokenGrant {
         client_id: impl Into<String>,
         refresh_token: impl Into<Secret>,
     ) -> RefreshTokenGrantBuilder {
+        let client = Client {
+            id: client_id.into(),
+            secret: None,
+            auth: ClientAuth::default(),
+        };
         RefreshTokenGrantBuilder {
-            token_url: token_url.into(),
-            client: Client {
-                id: client_id.into(),
-                secret: None,
-                auth: ClientAuth::default(),
-            },
+            endpoint: EndpointOptions::new(token_url.into(), client),
             refresh_token: Some(refresh_token.into()),
             scope: None,
-            transport: None,
-            allow_insecure_http: false,
             fallback: None,
         }
     }
@@ -106,8 +101,8 @@ impl RefreshTokenGrant {
         if let Some(scope) = &inner.scope {
             params.push(("scope", scope));
         }
-        let request = token_request(&inner.endpoint, &inner.client, &params)?;
-        let answer = send(&inner.transport, request).await?;
+        let request = token_request(&inner.endpoint.uri, &inner.endpoint.client, &params)?;
+        let answer = send(&inner.endpoint.transport, request).await?;
         match super::response::token_from(&answer, SystemTime::now()) {
             Ok(token) => {
                 if let Some(rotated) = token.refresh_token() {
@@ -155,8 +150,8 @@ impl TokenProvider for RefreshTokenGrant {
 impl fmt::Debug for RefreshTokenGrant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshTokenGrant")
-            .field("endpoint", &self.inner.endpoint)
-            .field("client", &self.inner.client)
+            .field("endpoint", &self.inner.endpoint.uri)
+            .field("client", &self.inner.endpoint.client)
             .field("refresh_token", &"<redacted>")
             .field("fallback", &self.inner.fallback)
             .finish_non_exhaustive()
@@ -165,12 +160,9 @@ impl fmt::Debug for RefreshTokenGrant {
 
 /// Options for [`RefreshTokenGrant`].
 pub struct RefreshTokenGrantBuilder {
-    token_url: String,
-    client: Client,
+    endpoint: EndpointOptions,
     refresh_token: Option<Secret>,
     scope: Option<String>,
-    transport: Option<HttpTransport>,
-    allow_insecure_http: bool,
     fallback: Option<ClientCredentials>,
 }
 
@@ -178,13 +170,13 @@ impl RefreshTokenGrantBuilder {
     /// The client secret, for a confidential client. Default: none (a public client sends only
     /// its `client_id`).
     pub fn client_secret(mut self, secret: impl Into<Secret>) -> Self {
-        self.client.secret = Some(secret.into());
+        self.endpoint.client.secret = Some(secret.into());
         self
     }
 
     /// How a confidential client authenticates. Default: [`ClientAuth::Basic`].
     pub fn auth_method(mut self, auth: ClientAuth) -> Self {
-        self.client.auth = auth;
+        self.endpoint.client.auth = auth;
         self
     }
 
@@ -202,28 +194,26 @@ impl RefreshTokenGrantBuilder {
 
     /// The HTTP client for token requests. Default: [`default_transport`](super::default_transport).
     pub fn transport(mut self, transport: HttpTransport) -> Self {
-        self.transport = Some(transport);
+        self.endpoint.transport = Some(transport);
         self
     }
 
     /// Allow a plain `http` token URL on a host that is not loopback. Default: refused.
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
-        self.allow_insecure_http = allow;
+        self.endpoint.allow_insecure_http = allow;
         self
     }
 
     /// Check the URL and build the provider.
     pub fn build(self) -> Result<RefreshTokenGrant, AuthError> {
-        let endpoint = checked_url(&self.token_url, self.allow_insecure_http)?;
+        let endpoint = self.endpoint.check()?;
         let refresh_token = self
             .refresh_token
             .filter(|token| !token.expose().is_empty());
         Ok(RefreshTokenGrant {
             inner: Arc::new(Inner {
                 endpoint,
-                client: self.client,
                 scope: self.scope,
-                transport: transport_or_default(self.transport)?,
                 refresh_token: Mutex::new(refresh_token),
                 fallback: self.fallback,
             }),
@@ -234,8 +224,7 @@ impl RefreshTokenGrantBuilder {
 impl fmt::Debug for RefreshTokenGrantBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshTokenGrantBuilder")
-            .field("token_url", &self.token_url)
-            .field("client", &self.client)
+            .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }
 }
