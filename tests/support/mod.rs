@@ -27,11 +27,21 @@ use tower_auth_refresh::{provider_fn, ReplayBody, Token, TokenProvider};
 #[derive(Clone, Default)]
 pub struct TokenRegistry {
     tokens: Arc<Mutex<HashMap<String, Option<Instant>>>>,
+    rejected: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl TokenRegistry {
     fn issue(&self, token: String, expires_at: Option<Instant>) {
         self.lock().insert(token, expires_at);
+    }
+
+    /// How many distinct tokens the API turned away as expired (or unknown).
+    pub fn rejected_tokens(&self) -> usize {
+        self.rejected.lock().unwrap().len()
+    }
+
+    fn reject(&self, token: &str) {
+        self.rejected.lock().unwrap().insert(token.to_owned());
     }
 
     /// Whether `token` was issued and has not expired.
@@ -398,6 +408,9 @@ async fn api_answer(state: &ApiState, request: Request<Incoming>) -> Response<Fu
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
     let Some(token) = token.filter(|token| state.registry.is_valid(token)) else {
+        if let Some(token) = token {
+            state.registry.reject(token);
+        }
         return unauthorized();
     };
     let token = token.to_owned();
