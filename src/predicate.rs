@@ -91,6 +91,18 @@ pub fn idempotent(parts: &request::Parts) -> bool {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn any_challenge_is_read_without_panicking(challenge in "\\PC{0,120}") {
+            let _ = bearer_invalid_token(&challenge);
+            if let Ok(value) = http::HeaderValue::from_str(&challenge) {
+                let mut headers = HeaderMap::new();
+                headers.insert(WWW_AUTHENTICATE, value);
+                let _ = unauthorized_or_invalid_token(StatusCode::FORBIDDEN, &headers);
+            }
+        }
+    }
+
     #[test]
     fn challenge_parsing_is_strict_about_scheme_and_value() {
         assert!(bearer_invalid_token(r#"Bearer error="invalid_token""#));

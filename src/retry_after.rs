@@ -164,6 +164,52 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_any_header(value in "\\PC{0,80}") {
+            if let Ok(header) = HeaderValue::from_str(&value) {
+                let _ = parse(&header, at(RFC_EXAMPLE));
+            }
+        }
+
+        #[test]
+        fn delta_seconds_round_trip(seconds in 0u64..=u64::MAX) {
+            let parsed = parse(&header(&seconds.to_string()), at(0));
+            proptest::prop_assert_eq!(parsed, Some(Duration::from_secs(seconds)));
+        }
+
+        #[test]
+        fn imf_fixdate_round_trips(offset in 0u64..(200 * 365 * 86_400)) {
+            let moment = RFC_EXAMPLE + offset;
+            let days = (moment / 86_400) as i64;
+            let (year, month, day) = civil_from_days(days);
+            let clock = moment % 86_400;
+            const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+            let text = format!(
+                "Mon, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+                MONTHS[(month - 1) as usize],
+                clock / 3600,
+                clock / 60 % 60,
+                clock % 60
+            );
+            proptest::prop_assert_eq!(parse(&header(&text), at(RFC_EXAMPLE)), Some(Duration::from_secs(offset)));
+        }
+    }
+
+    /// The inverse of `days_from_civil`, for generating dates.
+    fn civil_from_days(days: i64) -> (i64, u32, u32) {
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        (year, month, day)
+    }
+
     #[test]
     fn days_from_civil_matches_known_dates() {
         assert_eq!(days_from_civil(1970, 1, 1), 0);

@@ -126,6 +126,25 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn base64url_decodes_what_base64_encodes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let url_safe = base64(&bytes).trim_end_matches('=').replace('+', "-").replace('/', "_");
+            proptest::prop_assert_eq!(base64url_decode(&url_safe), Some(bytes));
+        }
+
+        #[test]
+        fn base64url_never_panics(text in "\\PC{0,100}") {
+            let _ = base64url_decode(&text);
+        }
+
+        #[test]
+        fn urlencode_output_is_form_safe(text in "\\PC{0,60}") {
+            let encoded = urlencode(&text);
+            proptest::prop_assert!(encoded.bytes().all(|b| b.is_ascii_alphanumeric() || b"*-._+%".contains(&b)));
+        }
+    }
+
     #[test]
     fn base64url_round_trips_and_refuses_garbage() {
         assert_eq!(base64url_decode("eyJleHAiOjF9").unwrap(), br#"{"exp":1}"#);

@@ -258,6 +258,41 @@ mod tests {
         assert!(!format!("{error:?}").contains("s3cr3t"), "{error:?}");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_body_and_status_gives_a_token_or_a_typed_error(
+            status in 100u16..600,
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+        ) {
+            let answer = Answer { status: StatusCode::from_u16(status).unwrap(), body: body.into() };
+            match token_from(&answer, now()) {
+                Ok(token) => proptest::prop_assert!(!token.secret().is_empty()),
+                Err(error) => {
+                    let shown = error.to_string();
+                    // At most 200 bytes of the body, escaped, plus the explanation.
+                    proptest::prop_assert!(shown.len() < 1400, "{}", shown.len());
+                }
+            }
+        }
+
+        #[test]
+        fn a_truncated_token_response_never_shows_the_token(cut in 0usize..60) {
+            let full = r#"{"access_token":"s3cr3t-t0ken","token_type":"Bearer","expires_in":60}"#;
+            let answer = Answer { status: StatusCode::OK, body: full[..cut.min(full.len())].to_owned().into() };
+            if let Err(error) = token_from(&answer, now()) {
+                let (shown, debugged) = (error.to_string(), format!("{:?}", error));
+                proptest::prop_assert!(!shown.contains("s3cr3t"));
+                proptest::prop_assert!(!debugged.contains("s3cr3t"));
+            }
+        }
+
+        #[test]
+        fn jwt_lifetime_never_panics(token in "\\PC{0,200}", dotted in "[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,80}\\.[A-Za-z0-9_-]{0,10}") {
+            let _ = jwt_lifetime(&token, now());
+            let _ = jwt_lifetime(&dotted, now());
+        }
+    }
+
     #[test]
     fn bad_token_fields_are_refused() {
         let cases = [
