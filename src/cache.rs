@@ -34,6 +34,7 @@ use arc_swap::ArcSwapOption;
 use futures::future::{FutureExt, Shared};
 use http::HeaderValue;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::error::AuthError;
 use crate::provider::TokenProvider;
@@ -128,6 +129,8 @@ pub(crate) struct Entry {
     token: Token,
     header: HeaderValue,
     generation: u64,
+    /// When the request that produced the token was sent.
+    requested_at: Instant,
     /// From here on, one background refresh is due.
     advisory_at: Option<Instant>,
     /// From here on, the token is not sent any more: requests wait for a new one.
@@ -173,6 +176,7 @@ impl Entry {
             token,
             header,
             generation,
+            requested_at,
             advisory_at,
             stale_at,
         })
@@ -266,6 +270,12 @@ pub struct CacheStats {
     pub stale_rejections: u64,
     /// Requests replayed with a new token after a 401.
     pub replays: u64,
+    /// The generation of the current token (1 for the first); `None` when there is none.
+    pub generation: Option<u64>,
+    /// How long ago the current token was requested.
+    pub token_age: Option<Duration>,
+    /// How long until the current token expires; `None` if it has no known expiry.
+    pub expires_in: Option<Duration>,
 }
 
 impl TokenCache {
@@ -307,15 +317,28 @@ impl TokenCache {
         }
     }
 
-    /// What the cache has done so far.
+    /// What the cache has done so far, and the state of its current token: cheap enough to
+    /// print or export as metrics on every tick.
     pub fn stats(&self) -> CacheStats {
         let c = &self.shared.counters;
+        let current = self.shared.current.load();
+        let now = Instant::now();
         CacheStats {
             token_requests: c.token_requests.load(Ordering::Relaxed),
             refresh_failures: c.refresh_failures.load(Ordering::Relaxed),
             invalidations: c.invalidations.load(Ordering::Relaxed),
             stale_rejections: c.stale_rejections.load(Ordering::Relaxed),
             replays: c.replays.load(Ordering::Relaxed),
+            generation: current.as_deref().map(|entry| entry.generation),
+            token_age: current
+                .as_deref()
+                .map(|entry| now.saturating_duration_since(entry.requested_at)),
+            expires_in: current.as_deref().and_then(|entry| {
+                entry
+                    .token
+                    .expires_at_from(entry.requested_at)
+                    .map(|expires_at| expires_at.saturating_duration_since(now))
+            }),
         }
     }
 
@@ -360,6 +383,7 @@ impl TokenCache {
             });
         }
         if let Some(error) = backoff_error(&state, now) {
+            tracing::debug!(retry_in = ?error.retry_after(), "no valid token; refresh backing off");
             return Acquire::Failed(error);
         }
         match self.start_refresh(&mut state) {
@@ -469,6 +493,7 @@ impl TokenCache {
             };
             finish_refresh(weak, outcome, requested_at)
         }
+        .instrument(tracing::debug_span!("token_refresh"))
         .boxed()
         .shared();
 
@@ -676,8 +701,13 @@ mod tests {
     async fn windows_follow_the_lifetime() {
         let (cache, calls) = counting(Some(Duration::from_secs(3600)));
         assert_eq!(cache.token().await.unwrap().secret(), "token-1");
-        // Fresh for 55 minutes.
-        tokio::time::advance(Duration::from_secs(54 * 60)).await;
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let stats = cache.stats();
+        assert_eq!(stats.generation, Some(1));
+        assert_eq!(stats.token_age, Some(Duration::from_secs(60)));
+        assert_eq!(stats.expires_in, Some(Duration::from_secs(3540)));
+        // Fresh for 55 minutes: still fresh at 54.
+        tokio::time::advance(Duration::from_secs(53 * 60)).await;
         assert!(matches!(cache.acquire(), Acquire::Ready(_)));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Advisory: served at once, one background refresh.
@@ -720,6 +750,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         let stats = cache.stats();
         assert_eq!((stats.invalidations, stats.stale_rejections), (1, 2));
+        assert_eq!((stats.generation, stats.expires_in), (Some(2), None));
     }
 
     #[tokio::test]
