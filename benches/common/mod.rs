@@ -1,0 +1,199 @@
+//! Shared by the `contention` and `refresh_storm` benches: the in-process inner service, the
+//! request they send, and the baseline both compare `AuthLayer` against, a hand-written layer
+//! that keeps the token behind a `tokio::sync::Mutex`.
+//!
+//! Not a bench target itself (Cargo only discovers `benches/*.rs` and `benches/*/main.rs`).
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::fmt::Debug;
+use std::future::Future;
+use std::hint::black_box;
+use std::mem;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, AUTHORIZATION};
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body::Body;
+use http_body_util::Empty;
+use tokio::sync::Mutex;
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+pub const SECRET: &str = "eyJhbGciOiJSUzI1NiJ9.bench-access-token.signature";
+pub const URI: &str = "http://api.example.com/v1/items";
+
+/// The inner service: reads the body to its end, then answers `200` with an empty body. The
+/// same as `benches/hot_path.rs`: one `Clone` type for every request body type, and a plain
+/// struct future, so no boxing blurs the comparison.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ok200;
+
+impl<B: Body + Unpin> Service<Request<B>> for Ok200 {
+    type Response = Response<Empty<Bytes>>;
+    type Error = Infallible;
+    type Future = DrainBody<B>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        DrainBody {
+            body: request.into_body(),
+        }
+    }
+}
+
+/// Polls the request body until it says it has ended, as hyper does when it sends one.
+pub struct DrainBody<B> {
+    body: B,
+}
+
+impl<B: Body + Unpin> Future for DrainBody<B> {
+    type Output = Result<Response<Empty<Bytes>>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        while !self.body.is_end_stream() {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(frame)) => drop(black_box(frame)),
+                Poll::Ready(None) => break,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(Response::new(Empty::new())))
+    }
+}
+
+/// A GET with the headers a typical API client sends (as in `benches/hot_path.rs`).
+pub fn get_request() -> Request<Empty<Bytes>> {
+    let mut request = Request::new(Empty::new());
+    *request.method_mut() = Method::GET;
+    *request.uri_mut() = Uri::from_static(URI);
+    let headers = request.headers_mut();
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    headers.insert(header::USER_AGENT, HeaderValue::from_static("bench/1.0"));
+    request
+}
+
+/// One request: the same code, monomorphised, for every variant.
+pub async fn send<S, B>(service: &mut S, request: Request<B>)
+where
+    S: Service<Request<B>, Response = Response<Empty<Bytes>>>,
+    S::Error: Debug,
+{
+    let response = service
+        .ready()
+        .await
+        .expect("the service is always ready")
+        .call(request)
+        .await
+        .expect("the inner service never fails");
+    black_box(response);
+}
+
+/// The token as the hand-written fix keeps it: the secret and when the identity provider said
+/// it expires.
+pub struct HandToken {
+    pub secret: String,
+    pub expires_at: Option<Instant>,
+}
+
+type FetchFuture = Pin<Box<dyn Future<Output = Result<HandToken, BoxError>> + Send>>;
+type Fetch = Arc<dyn Fn() -> FetchFuture + Send + Sync>;
+
+/// The baseline: what most hand-written fixes look like. One `Arc<tokio::sync::Mutex<..>>`
+/// shared by every clone; each request locks it, fetches a token if there is none or it has
+/// expired (while holding the lock, so concurrent requests queue behind the refresh instead of
+/// all calling the identity provider), formats `Bearer <token>`, marks it sensitive, and
+/// inserts it.
+///
+/// It is correct (`poll_ready` is the inner service's, and the service made ready is the one
+/// called, tower's `mem::replace` idiom), it refreshes once per expiry, and it never sends an
+/// expired token. Its costs are the ones such fixes pay: an async lock on every request, a
+/// `format!` and header parse per request, and a boxed future.
+#[derive(Clone)]
+pub struct MutexAuthLayer {
+    token: Arc<Mutex<Option<HandToken>>>,
+    fetch: Fetch,
+}
+
+impl MutexAuthLayer {
+    /// No token until the first request fetches one through `fetch`.
+    pub fn new<F, Fut>(fetch: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<HandToken, BoxError>> + Send + 'static,
+    {
+        Self {
+            token: Arc::new(Mutex::new(None)),
+            fetch: Arc::new(move || -> FetchFuture { Box::pin(fetch()) }),
+        }
+    }
+}
+
+impl<S> Layer<S> for MutexAuthLayer {
+    type Service = MutexAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MutexAuth {
+            inner,
+            token: self.token.clone(),
+            fetch: self.fetch.clone(),
+        }
+    }
+}
+
+/// The service [`MutexAuthLayer`] builds.
+#[derive(Clone)]
+pub struct MutexAuth<S> {
+    inner: S,
+    token: Arc<Mutex<Option<HandToken>>>,
+    fetch: Fetch,
+}
+
+impl<S, B> Service<Request<B>> for MutexAuth<S>
+where
+    S: Service<Request<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = mem::replace(&mut self.inner, clone);
+        let token = self.token.clone();
+        let fetch = self.fetch.clone();
+        Box::pin(async move {
+            let value = {
+                let mut cached = token.lock().await;
+                let fresh = cached
+                    .take()
+                    .filter(|t| t.expires_at.is_none_or(|at| Instant::now() < at));
+                let current = match fresh {
+                    Some(current) => current,
+                    // The first request to find it missing or expired refreshes it, holding the
+                    // lock: the others wait for the lock, then find the new token.
+                    None => fetch().await?,
+                };
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", current.secret))?;
+                value.set_sensitive(true);
+                *cached = Some(current);
+                value
+            };
+            request.headers_mut().insert(AUTHORIZATION, value);
+            inner.call(request).await.map_err(Into::into)
+        })
+    }
+}
