@@ -140,3 +140,79 @@ fn a_runtime_shut_down_mid_refresh_leaves_a_cache_that_recovers() {
         assert_eq!(response.status(), StatusCode::OK);
     });
 }
+
+mod identity_provider_faults {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tower_auth_refresh::oauth2::{transport, ClientCredentials};
+    use tower_auth_refresh::{AuthError, TokenCache};
+
+    fn cache_for(token_url: String) -> TokenCache {
+        let http = transport(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+        let provider = ClientCredentials::builder(token_url, "batch", "s3cr3t")
+            .transport(http)
+            .build()
+            .unwrap();
+        TokenCache::builder(provider)
+            .backoff(Duration::ZERO, Duration::ZERO)
+            .build()
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_a_transport_error_every_time_it_happens() {
+        // A port that was just free: nothing listens there.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let cache = cache_for(format!("http://{addr}/token"));
+
+        for attempt in 1..=3u64 {
+            let error = cache.token().await.unwrap_err();
+            assert!(matches!(error, AuthError::Transport { .. }), "{error:?}");
+            assert!(!format!("{error:?}").contains("s3cr3t"));
+            assert_eq!(cache.stats().refresh_failures, attempt);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_cut_mid_response_is_a_transport_error_and_the_next_refresh_works() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for answer_fully in [false, true] {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = vec![0u8; 4096];
+                let _ = socket.read(&mut request).await.unwrap();
+                if answer_fully {
+                    let body =
+                        r#"{"access_token":"after-reset","token_type":"Bearer","expires_in":60}"#;
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    socket.write_all(response.as_bytes()).await.unwrap();
+                } else {
+                    // Half a response (500 bytes announced, a dozen sent), then the connection
+                    // closes under it.
+                    socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n{\"access_tok")
+                        .await
+                        .unwrap();
+                }
+                drop(socket);
+            }
+        });
+        let cache = cache_for(format!("http://{addr}/token"));
+
+        let error = cache.token().await.unwrap_err();
+        assert!(matches!(error, AuthError::Transport { .. }), "{error:?}");
+        assert_eq!(cache.token().await.unwrap().secret(), "after-reset");
+        assert_eq!(cache.stats().token_requests, 2);
+    }
+}
