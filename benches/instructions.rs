@@ -91,7 +91,12 @@ fn main() {
     match args.as_slice() {
         [variant, n] => runtime.block_on(run(variant, n.parse().expect("a count"))),
         _ => {
-            for variant in ["bare", "add_authorization", "auth_layer", "auth_layer_no_replay"] {
+            for variant in [
+                "bare",
+                "add_authorization",
+                "auth_layer",
+                "auth_layer_no_replay",
+            ] {
                 let started = Instant::now();
                 runtime.block_on(run(variant, 100_000));
                 let per_request = started.elapsed() / 100_000;
