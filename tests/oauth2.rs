@@ -1244,3 +1244,24 @@ async fn batch_through_auth_layer_crosses_expiries_without_a_failure() {
         (0, 0, 0)
     );
 }
+
+// --- expires_in: 0 -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_token_that_expires_on_arrival_is_refused_not_sent() {
+    let server = TokenServer::start().await;
+    server.set_expires_in(Some(Duration::ZERO));
+    let cache = TokenCache::builder(basic(&server).build().unwrap())
+        .backoff(Duration::ZERO, Duration::ZERO)
+        .build();
+
+    let error = cache.token().await.unwrap_err();
+    assert!(matches!(error, AuthError::Refresh { .. }), "{error:?}");
+    let cause = std::error::Error::source(&error).unwrap().to_string();
+    assert!(cause.contains("already expired"), "{cause}");
+    assert_eq!(cache.stats().generation, None, "nothing was installed");
+
+    server.set_expires_in(Some(Duration::from_secs(3600)));
+    assert!(!cache.token().await.unwrap().secret().is_empty());
+    assert_eq!(cache.stats().token_requests, 2);
+}
