@@ -760,6 +760,14 @@ mod tests {
             cache.token().await,
             Err(AuthError::InvalidHeaderValue)
         ));
+        // The same for a scheme that would smuggle a header.
+        let cache = TokenCache::builder(crate::StaticToken::new(Token::new("fine")))
+            .scheme("Bearer\r\nX-Evil: 1\r\n")
+            .build();
+        assert!(matches!(
+            cache.token().await,
+            Err(AuthError::InvalidHeaderValue)
+        ));
     }
 
     #[tokio::test]

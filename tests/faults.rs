@@ -216,3 +216,70 @@ mod identity_provider_faults {
         assert_eq!(cache.stats().token_requests, 2);
     }
 }
+
+#[tokio::test]
+async fn a_401_with_a_large_body_is_left_unread_and_the_replays_go_through() {
+    let registry = TokenRegistry::default();
+    let idp = IdentityProvider::start(registry.clone(), Some(HOUR)).await;
+    let api = Api::start(registry.clone(), 0).await;
+    let auth = AuthLayer::new(http_provider(&idp));
+    let service = ServiceBuilder::new().layer(auth.clone()).service(client());
+    service.clone().oneshot(get(&api)).await.unwrap();
+
+    // 1 MiB error pages for 50 requests at once: the rejected responses are dropped unread
+    // (HTTP/1 closes those connections), and every replay gets through on a new one.
+    api.set_rejection_body(1024 * 1024);
+    registry.revoke_all();
+    let requests = (0..50).map(|_| service.clone().oneshot(get(&api)));
+    let results =
+        tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(requests))
+            .await
+            .expect("nothing hangs on an unread 401 body");
+    for result in results {
+        let response = result.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_string(response).await, "token-2");
+    }
+    assert_eq!(idp.token_requests(), 2);
+    assert_eq!(auth.cache().stats().replays as usize, api.rejected());
+}
+
+#[tokio::test]
+async fn services_and_layers_dropped_while_a_refresh_runs_leave_nothing_behind() {
+    let registry = TokenRegistry::default();
+    let idp = IdentityProvider::start(registry.clone(), Some(HOUR)).await;
+    let api = Api::start(registry.clone(), 0).await;
+    idp.set_latency(Duration::from_millis(200));
+
+    let cache = {
+        let auth = AuthLayer::new(http_provider(&idp));
+        let service = ServiceBuilder::new().layer(auth.clone()).service(client());
+        let mut pending = Box::pin(service.clone().oneshot(get(&api)));
+        assert!(futures::poll!(&mut pending).is_pending());
+        support::until(|| idp.token_requests() == 1).await;
+        // Everything but a cache handle goes away while the refresh is in flight.
+        auth.cache().clone()
+    };
+    // The refresh finishes on its own task and lands in the cache that is still held.
+    let token = tokio::time::timeout(Duration::from_secs(30), cache.token())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(token.secret(), "token-1");
+    assert_eq!(cache.stats().token_requests, 1);
+
+    // And with no handle left at all, the refresh task ends quietly: the next cache starts anew.
+    {
+        let auth = AuthLayer::new(http_provider(&idp));
+        let service = ServiceBuilder::new().layer(auth).service(client());
+        let mut pending = Box::pin(service.oneshot(get(&api)));
+        assert!(futures::poll!(&mut pending).is_pending());
+        support::until(|| idp.token_requests() == 2).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let service = ServiceBuilder::new()
+        .layer(AuthLayer::new(http_provider(&idp)))
+        .service(client());
+    let response = service.oneshot(get(&api)).await.unwrap();
+    assert_eq!(body_string(response).await, "token-3");
+}

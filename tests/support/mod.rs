@@ -221,6 +221,8 @@ struct ApiState {
     rate_limit: Mutex<Option<RateWindow>>,
     /// A published limit of requests in flight at once (0: none), enforced with 429s.
     concurrency_limit: AtomicUsize,
+    /// Bytes of body a 401 for a missing, unknown or expired token carries (0: a short text).
+    rejection_body: AtomicUsize,
 }
 
 struct RateWindow {
@@ -260,6 +262,7 @@ impl Api {
             throttle_every: AtomicUsize::new(0),
             rate_limit: Mutex::new(None),
             concurrency_limit: AtomicUsize::new(0),
+            rejection_body: AtomicUsize::new(0),
         });
         let handler_state = state.clone();
         let addr = serve(move |request| api_handle(handler_state.clone(), request)).await;
@@ -330,6 +333,11 @@ impl Api {
             started: Instant::now(),
             count: 0,
         });
+    }
+
+    /// Make every 401 for a bad token carry `bytes` of body, as an HTML error page would.
+    pub fn set_rejection_body(&self, bytes: usize) {
+        self.state.rejection_body.store(bytes, Ordering::SeqCst);
     }
 
     /// Enforce a limit of `limit` requests in flight at once with 429s.
@@ -410,6 +418,12 @@ async fn api_answer(state: &ApiState, request: Request<Incoming>) -> Response<Fu
     let Some(token) = token.filter(|token| state.registry.is_valid(token)) else {
         if let Some(token) = token {
             state.registry.reject(token);
+        }
+        let size = state.rejection_body.load(Ordering::SeqCst);
+        if size > 0 {
+            let mut response = unauthorized();
+            *response.body_mut() = Full::new(Bytes::from(vec![b'x'; size]));
+            return response;
         }
         return unauthorized();
     };
