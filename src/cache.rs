@@ -476,7 +476,9 @@ impl TokenCache {
         let timeout = shared.config.refresh_timeout;
         let fetch = std::panic::catch_unwind(AssertUnwindSafe(|| shared.provider.fetch_token()));
         let weak = Arc::downgrade(shared);
-        tracing::debug!("token refresh started");
+        // The generation the new token will have; a failed attempt leaves a gap.
+        let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(generation, "token refresh started");
 
         let refresh = async move {
             let outcome = match fetch {
@@ -491,9 +493,9 @@ impl TokenCache {
                     Err(_panic) => Err(AuthError::ProviderPanicked),
                 },
             };
-            finish_refresh(weak, outcome, requested_at)
+            finish_refresh(weak, outcome, requested_at, generation)
         }
-        .instrument(tracing::debug_span!("token_refresh"))
+        .instrument(tracing::debug_span!("token_refresh", generation))
         .boxed()
         .shared();
 
@@ -519,13 +521,13 @@ fn finish_refresh(
     cache: Weak<CacheShared>,
     outcome: Result<Token, AuthError>,
     requested_at: Instant,
+    generation: u64,
 ) -> RefreshOutcome {
     let Some(shared) = cache.upgrade() else {
         // Every handle to the cache is gone: nobody can use the result.
         return outcome.and_then(|_| Err(AuthError::refresh("the token cache was dropped")));
     };
     let now = Instant::now();
-    let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
     let result = outcome
         .and_then(|token| Entry::new(token, requested_at, now, generation, &shared.config))
         .map(Arc::new);
@@ -567,6 +569,8 @@ fn finish_refresh(
                 .refresh_failures
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
+                generation,
+                elapsed = ?now.saturating_duration_since(requested_at),
                 error = %error,
                 cause = error_cause(error).as_deref().unwrap_or("-"),
                 backoff = ?wait,

@@ -43,6 +43,12 @@ fn start(ttl_seconds: u64) -> Option<OidcProvider> {
         );
         return None;
     }
+    // The fixture's stderr goes to a file, shown if it fails to start.
+    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log_path =
+        std::env::temp_dir().join(format!("oidc-fixture-{}-{n}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).expect("a log file");
     let mut child = Command::new("node")
         .arg(fixture.join("server.mjs"))
         .arg("0")
@@ -50,15 +56,23 @@ fn start(ttl_seconds: u64) -> Option<OidcProvider> {
         // The fixture exits when its stdin closes: keep it open for the test's lifetime.
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(log))
         .spawn()
         .expect("node is installed");
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("the fixture prints its issuer");
+    // Read the issuer on a thread, so a fixture that never prints fails the test instead of
+    // hanging it.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = sender.send(line);
+    });
+    let line = receiver.recv_timeout(STEP).unwrap_or_else(|_| {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        panic!("the fixture did not print its issuer within {STEP:?}; its stderr:\n{log}")
+    });
     let issuer = line
         .trim()
         .strip_prefix("LISTENING ")
@@ -75,6 +89,17 @@ fn http() -> HttpTransport {
     transport(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>())
 }
 
+/// The longest any step may take against the fixture: a generous bound, so a hang fails the
+/// test with the step's name instead of stalling CI.
+const STEP: Duration = Duration::from_secs(60);
+
+/// Run one step against the fixture, or fail naming it.
+async fn step<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {STEP:?}"))
+}
+
 const BASIC_ID: &str = "batch-basic";
 const BASIC_SECRET: &str = "b@tch s3cret/+&=";
 
@@ -83,7 +108,9 @@ async fn discovery_and_both_client_authentication_methods() {
     let Some(idp) = start(120) else { return };
     let transport = http();
 
-    let metadata = discover(&idp.issuer, &transport, false).await.unwrap();
+    let metadata = step("discovery", discover(&idp.issuer, &transport, false))
+        .await
+        .unwrap();
     assert_eq!(metadata.issuer, idp.issuer);
     assert_eq!(metadata.token_endpoint, format!("{}/token", idp.issuer));
     assert_eq!(metadata.preferred_client_auth(), ClientAuth::Basic);
@@ -93,7 +120,9 @@ async fn discovery_and_both_client_authentication_methods() {
         .transport(transport.clone())
         .build()
         .unwrap();
-    let token = basic.request_token().await.unwrap();
+    let token = step("basic token request", basic.request_token())
+        .await
+        .unwrap();
     assert!(!token.secret().is_empty());
     let lifetime = token.expires_at().unwrap() - tokio::time::Instant::now();
     assert!(
@@ -108,14 +137,17 @@ async fn discovery_and_both_client_authentication_methods() {
         .transport(transport.clone())
         .build()
         .unwrap();
-    let token = post.request_token().await.unwrap();
+    let token = step("post token request", post.request_token())
+        .await
+        .unwrap();
     assert_eq!(token.scope(), Some("contacts:read"));
     let wrong_method = ClientCredentials::from_metadata(&metadata, "batch-post", "p0st-secret")
         .transport(transport.clone())
         .build()
         .unwrap();
+    let refused = step("wrong-method token request", wrong_method.request_token()).await;
     assert_eq!(
-        wrong_method.request_token().await.unwrap_err().error_code(),
+        refused.unwrap_err().error_code(),
         Some(&ErrorCode::InvalidClient)
     );
 }
@@ -124,14 +156,18 @@ async fn discovery_and_both_client_authentication_methods() {
 async fn wrong_secret_is_invalid_client_and_never_shown() {
     let Some(idp) = start(120) else { return };
     let transport = http();
-    let metadata = discover(&idp.issuer, &transport, false).await.unwrap();
+    let metadata = step("discovery", discover(&idp.issuer, &transport, false))
+        .await
+        .unwrap();
     let provider = ClientCredentials::from_metadata(&metadata, BASIC_ID, "not-the-secret")
         .transport(transport)
         .build()
         .unwrap();
 
     let cache = TokenCache::new(provider);
-    let error = cache.token().await.unwrap_err();
+    let error = step("token with a wrong secret", cache.token())
+        .await
+        .unwrap_err();
     let AuthError::TokenEndpoint(refused) = &error else {
         panic!("{error:?}")
     };

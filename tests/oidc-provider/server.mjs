@@ -15,7 +15,6 @@
 //                       accepts client_secret_basic and client_secret_post
 //                       interchangeably; "0" restores that behaviour.
 
-import { generateKeyPairSync } from 'node:crypto';
 import { createServer } from 'node:http';
 
 // stdout carries only the LISTENING line. oidc-provider prints its NOTICEs
@@ -76,13 +75,13 @@ const clients = [
   },
 ];
 
-// Fresh signing key per run (avoids the library's built-in development keys).
-const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-const signingKey = { ...privateKey.export({ format: 'jwk' }), alg: 'RS256', use: 'sig', kid: 'fixture-rs256' };
+// Signing keys: oidc-provider's built-in development keys. Generating an RSA key here and
+// exporting it as a JWK can deadlock Node.js 20 (a garbage collection during the export runs
+// the key-generation job's destructor, which takes the lock the export holds); the tokens
+// this fixture issues are opaque, so nothing depends on the key.
 
 const configuration = {
   clients,
-  jwks: { keys: [signingKey] },
   cookies: { keys: ['tower-auth-refresh-oidc-fixture-cookie-key'] },
   scopes: ['openid', 'offline_access', SCOPE],
   features: {
