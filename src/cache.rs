@@ -38,6 +38,7 @@ use tracing::Instrument;
 
 use crate::error::AuthError;
 use crate::provider::TokenProvider;
+use crate::store::{FetchToken, LocalStore, RefreshRequest, TokenStore};
 use crate::Token;
 
 /// Default clock-skew buffer: a token counts as expired this long before its expiry.
@@ -107,7 +108,9 @@ struct CacheShared {
     /// Set while a refresh runs, so requests in the advisory window skip the mutex.
     refreshing: AtomicBool,
     next_generation: AtomicU64,
-    provider: Box<dyn TokenProvider>,
+    /// Calls the provider; shared with the store, which decides whether to.
+    fetch: FetchToken,
+    store: Box<dyn TokenStore>,
     config: CacheConfig,
     counters: Counters,
 }
@@ -119,6 +122,8 @@ struct RefreshState {
     retry_at: Option<Instant>,
     next_backoff: Duration,
     last_error: Option<AuthError>,
+    /// The token a 401 invalidated, until the refresh that replaces it starts.
+    rejected: Option<Token>,
 }
 
 type RefreshOutcome = Result<Arc<Entry>, AuthError>;
@@ -249,7 +254,8 @@ fn header_value(scheme: &str, secret: &str) -> Result<HeaderValue, AuthError> {
 /// Counters behind [`CacheStats`].
 #[derive(Default)]
 struct Counters {
-    token_requests: AtomicU64,
+    /// Shared with [`FetchToken`], which counts the provider calls it makes.
+    token_requests: Arc<AtomicU64>,
     refresh_failures: AtomicU64,
     invalidations: AtomicU64,
     stale_rejections: AtomicU64,
@@ -287,7 +293,8 @@ impl TokenCache {
     /// Options for a cache over `provider`.
     pub fn builder(provider: impl TokenProvider) -> TokenCacheBuilder {
         TokenCacheBuilder {
-            provider: Box::new(provider),
+            provider: Arc::new(provider),
+            store: Box::new(LocalStore),
             config: CacheConfig {
                 refresh_skew: DEFAULT_REFRESH_SKEW,
                 advisory_window: DEFAULT_ADVISORY_WINDOW,
@@ -421,17 +428,28 @@ impl TokenCache {
     ///
     /// Returns whether the token was still the current one.
     pub(crate) fn invalidate(&self, generation: u64) -> bool {
-        let current = self.shared.current.load();
-        let is_current = current
-            .as_deref()
-            .is_some_and(|entry| entry.generation == generation);
-        if is_current {
+        let is_current = |current: &Option<Arc<Entry>>| {
+            current
+                .as_deref()
+                .is_some_and(|entry| entry.generation == generation)
+        };
+        // Rejections of a replaced token (most of a 401 storm) stay off the lock.
+        if is_current(&self.shared.current.load()) {
+            // The state lock orders this against a refresh starting, so that refresh knows
+            // which token was rejected (a shared store must not hand it out again).
+            let mut state = self.lock_state();
+            let current = self.shared.current.load();
+            if !is_current(&current) {
+                drop(state);
+                return self.absorb_stale_rejection(generation);
+            }
             let previous = self.shared.current.compare_and_swap(&*current, None);
             let swapped = match (previous.as_ref(), current.as_ref()) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                 _ => false,
             };
             if swapped {
+                state.rejected = current.as_deref().map(|entry| entry.token.clone());
                 self.shared
                     .counters
                     .invalidations
@@ -440,6 +458,10 @@ impl TokenCache {
                 return true;
             }
         }
+        self.absorb_stale_rejection(generation)
+    }
+
+    fn absorb_stale_rejection(&self, generation: u64) -> bool {
         self.shared
             .counters
             .stale_rejections
@@ -467,14 +489,23 @@ impl TokenCache {
     fn start_refresh(&self, state: &mut RefreshState) -> Result<RefreshFuture, AuthError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
         let shared = &self.shared;
-        shared
-            .counters
-            .token_requests
-            .fetch_add(1, Ordering::Relaxed);
         shared.refreshing.store(true, Ordering::Relaxed);
         let requested_at = Instant::now();
         let timeout = shared.config.refresh_timeout;
-        let fetch = std::panic::catch_unwind(AssertUnwindSafe(|| shared.provider.fetch_token()));
+        let request = match state.rejected.take() {
+            Some(rejected) => RefreshRequest::new(Some(rejected), true),
+            None => RefreshRequest::new(
+                shared
+                    .current
+                    .load()
+                    .as_deref()
+                    .map(|entry| entry.token.clone()),
+                false,
+            ),
+        };
+        let fetch = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            shared.store.refresh(request, shared.fetch.clone())
+        }));
         let weak = Arc::downgrade(shared);
         // The generation the new token will have; a failed attempt leaves a gap.
         let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -540,6 +571,7 @@ fn finish_refresh(
     match &result {
         Ok(entry) => {
             shared.current.store(Some(entry.clone()));
+            state.rejected = None;
             state.retry_at = None;
             state.last_error = None;
             state.next_backoff = shared.config.backoff_initial;
@@ -603,7 +635,8 @@ impl fmt::Debug for TokenCache {
 
 /// Options for a [`TokenCache`]. Every option has a documented default.
 pub struct TokenCacheBuilder {
-    provider: Box<dyn TokenProvider>,
+    provider: Arc<dyn TokenProvider>,
+    store: Box<dyn TokenStore>,
     config: CacheConfig,
 }
 
@@ -651,9 +684,19 @@ impl TokenCacheBuilder {
         self
     }
 
+    /// Where new tokens come from: [`LocalStore`] (the default) asks the provider; a shared
+    /// store such as `redis_store::RedisStore` first takes the token
+    /// another process fetched. Requests are still served from memory either way.
+    pub fn store(mut self, store: impl TokenStore) -> Self {
+        self.store = Box::new(store);
+        self
+    }
+
     /// Build the cache. No token is fetched until the first request needs one.
     pub fn build(self) -> TokenCache {
         let next_backoff = self.config.backoff_initial;
+        let counters = Counters::default();
+        let fetch = FetchToken::new(self.provider, counters.token_requests.clone());
         TokenCache {
             shared: Arc::new(CacheShared {
                 current: ArcSwapOption::empty(),
@@ -663,9 +706,10 @@ impl TokenCacheBuilder {
                 }),
                 refreshing: AtomicBool::new(false),
                 next_generation: AtomicU64::new(0),
-                provider: self.provider,
+                fetch,
+                store: self.store,
                 config: self.config,
-                counters: Counters::default(),
+                counters,
             }),
         }
     }

@@ -277,6 +277,12 @@ impl AuthLayerBuilder<TokenCacheBuilder> {
         self
     }
 
+    /// See [`TokenCacheBuilder::store`]. Default: [`LocalStore`](crate::LocalStore).
+    pub fn store(mut self, store: impl crate::TokenStore) -> Self {
+        self.cache = self.cache.store(store);
+        self
+    }
+
     /// Build the layer and its new cache.
     pub fn build(self) -> AuthLayer {
         self.finish(TokenCacheBuilder::build)

@@ -46,10 +46,13 @@ pub mod oauth2;
 mod origin;
 pub mod predicate;
 pub mod provider;
+#[cfg(feature = "redis")]
+pub mod redis_store;
 pub mod replay;
 pub mod retry;
 mod retry_after;
 mod service;
+pub mod store;
 pub mod token;
 
 pub use cache::{CacheStats, TokenCache, TokenCacheBuilder};
@@ -60,6 +63,7 @@ pub use origin::{InvalidOrigin, Origin};
 pub use provider::{provider_fn, ProviderFn, ProviderFuture, StaticToken, TokenProvider};
 pub use replay::ReplayBody;
 pub use service::AuthService;
+pub use store::{LocalStore, TokenStore};
 pub use token::Token;
 
 /// The README's example, compiled with the doctests so it stays true.

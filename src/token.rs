@@ -118,6 +118,18 @@ impl Token {
     ///
     /// `None` means "no known expiry"; a lifetime too large to represent is treated the same way
     /// rather than overflowing.
+    /// The same token with a relative lifetime counted from `sent_at`, the moment its request
+    /// was sent, so its expiry no longer depends on who reads it when.
+    pub(crate) fn anchored_at(mut self, sent_at: Instant) -> Self {
+        if let Expiry::In { lifetime, .. } = self.expiry {
+            self.expiry = match sent_at.checked_add(lifetime) {
+                Some(at) => Expiry::At(at),
+                None => Expiry::Unknown,
+            };
+        }
+        self
+    }
+
     pub(crate) fn expires_at_from(&self, requested_at: Instant) -> Option<Instant> {
         match self.expiry {
             Expiry::Unknown => None,

@@ -92,3 +92,52 @@ async fn every_public_type_redacts_its_secrets() {
 
     assert_redacted("RetryPolicy", format!("{:?}", RetryPolicy::new()));
 }
+
+/// What a `TokenStore` is handed (the token being replaced, the provider handle) and the Redis
+/// store's own types.
+#[tokio::test]
+async fn store_types_redact_their_secrets() {
+    use std::sync::{Arc, Mutex};
+    use tower_auth_refresh::store::{FetchToken, RefreshRequest, StoreFuture, TokenStore};
+
+    #[derive(Clone, Default)]
+    struct Recording(Arc<Mutex<Vec<String>>>);
+    impl TokenStore for Recording {
+        fn refresh(&self, request: RefreshRequest, fetch: FetchToken) -> StoreFuture {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{request:?} {:?} {fetch:?}", request.replacing()));
+            Box::pin(fetch.fetch())
+        }
+    }
+    let recording = Recording::default();
+    let cache = TokenCache::builder(StaticToken::new(
+        token().with_expires_in(Duration::from_millis(1)),
+    ))
+    .refresh_skew(Duration::ZERO)
+    .store(recording.clone())
+    .build();
+    let _ = cache.token().await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let _ = cache.token().await;
+    let seen = recording.0.lock().unwrap().clone();
+    assert!(seen.len() >= 2 && seen[1].contains("Token {"), "{seen:?}");
+    for shown in seen {
+        assert_redacted("RefreshRequest and FetchToken", shown);
+    }
+
+    #[cfg(feature = "redis")]
+    {
+        use tower_auth_refresh::redis_store::{EncryptionKey, RedisStore};
+        let key = EncryptionKey::from_hex(&"5e".repeat(32)).unwrap();
+        assert_redacted("EncryptionKey", format!("{key:?}"));
+        let builder = RedisStore::builder("redis://:pass-53cr3t@127.0.0.1:1/", "ns")
+            .unwrap()
+            .encryption_key(key);
+        assert_redacted("RedisStoreBuilder", format!("{builder:?}"));
+        let shown = format!("{:?}", builder.build());
+        assert!(!shown.contains("5e5e"), "RedisStore shows its key: {shown}");
+        assert_redacted("RedisStore", shown);
+    }
+}

@@ -53,6 +53,14 @@ impl TokenRegistry {
         }
     }
 
+    /// The server-side expiry of every token still on record (`None`: never expires), earliest
+    /// first.
+    pub fn expiries(&self) -> Vec<Option<Instant>> {
+        let mut expiries: Vec<_> = self.lock().values().copied().collect();
+        expiries.sort();
+        expiries
+    }
+
     /// Expire every token now: the server-side expiry a client cannot foresee.
     pub fn revoke_all(&self) {
         self.lock().clear();
@@ -532,9 +540,13 @@ where
 
 /// A token provider that asks `idp` over HTTP (client credentials) and reads its JSON answer.
 pub fn http_provider(idp: &IdentityProvider) -> impl TokenProvider {
+    http_provider_at(idp.token_url())
+}
+
+/// [`http_provider`] for an identity provider at `url`, possibly in another process.
+pub fn http_provider_at(url: String) -> impl TokenProvider {
     let http: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let url = idp.token_url();
     provider_fn(move || {
         let http = http.clone();
         let url = url.clone();

@@ -1,0 +1,149 @@
+//! Where a cache gets its next token: from the provider, or from other processes first.
+//!
+//! A [`TokenCache`](crate::TokenCache) always serves requests from memory; a [`TokenStore`] is
+//! only asked when that memory runs out (no token yet, the token is due for refresh, or the API
+//! rejected it). The default, [`LocalStore`], simply calls the provider: one token per process.
+//! A shared store (such as `redis_store::RedisStore` with the `redis`
+//! feature) first looks for a token another process already fetched, so a fleet of workers makes
+//! one token request per expiry instead of one per worker.
+//!
+//! The cache keeps its guarantees whatever the store does: one store call at a time per cache,
+//! bounded by the refresh timeout, with backoff after failures.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::error::AuthError;
+use crate::provider::TokenProvider;
+use crate::Token;
+
+/// The future a [`TokenStore`] returns.
+pub type StoreFuture = Pin<Box<dyn Future<Output = Result<Token, tower::BoxError>> + Send>>;
+
+/// Decides where a [`TokenCache`](crate::TokenCache) gets a new token.
+///
+/// The cache calls [`refresh`](TokenStore::refresh) from its single refresh task, never per
+/// request. An implementation either returns a token it can vouch for (one another process
+/// fetched) or calls [`FetchToken::fetch`] to ask the provider. Its errors reach the waiting
+/// requests as [`AuthError`], so a store that can fall back to the provider
+/// should do so rather than fail.
+///
+/// ```
+/// use tower_auth_refresh::store::{FetchToken, RefreshRequest, StoreFuture, TokenStore};
+///
+/// /// Logs every refresh, then asks the provider.
+/// struct Logged;
+///
+/// impl TokenStore for Logged {
+///     fn refresh(&self, request: RefreshRequest, fetch: FetchToken) -> StoreFuture {
+///         tracing::info!(rejected = request.rejected(), "token refresh");
+///         Box::pin(fetch.fetch())
+///     }
+/// }
+///
+/// # use tower_auth_refresh::{StaticToken, Token, TokenCache};
+/// let cache = TokenCache::builder(StaticToken::new(Token::new("secret")))
+///     .store(Logged)
+///     .build();
+/// # drop(cache);
+/// ```
+pub trait TokenStore: Send + Sync + 'static {
+    /// Produce the token that replaces `request.replacing()`.
+    fn refresh(&self, request: RefreshRequest, fetch: FetchToken) -> StoreFuture;
+}
+
+/// Why the cache needs a new token.
+#[derive(Clone, Debug)]
+pub struct RefreshRequest {
+    replacing: Option<Token>,
+    rejected: bool,
+}
+
+impl RefreshRequest {
+    pub(crate) fn new(replacing: Option<Token>, rejected: bool) -> Self {
+        Self {
+            replacing,
+            rejected,
+        }
+    }
+
+    /// The token the cache holds and wants replaced: one that is about to expire, or the one the
+    /// API rejected. `None` for the first token.
+    pub fn replacing(&self) -> Option<&Token> {
+        self.replacing.as_ref()
+    }
+
+    /// Whether the API rejected [`replacing`](Self::replacing) (a 401), rather than it nearing
+    /// its expiry. A shared store should then stop handing that token to others.
+    pub fn rejected(&self) -> bool {
+        self.rejected
+    }
+
+    /// Whether `candidate` may replace the token being replaced: it is a different token and
+    /// still has time to live at `now`.
+    pub fn accepts(&self, candidate: &Token, now: Instant) -> bool {
+        let different = self
+            .replacing
+            .as_ref()
+            .is_none_or(|old| old.secret() != candidate.secret());
+        let alive = candidate.expires_at().is_none_or(|at| at > now);
+        different && alive
+    }
+}
+
+/// Asks the cache's provider for a new token: what a [`TokenStore`] calls when nobody else has
+/// one to share.
+///
+/// Every call is one token request, counted in
+/// [`CacheStats::token_requests`](crate::CacheStats::token_requests).
+#[derive(Clone)]
+pub struct FetchToken {
+    provider: Arc<dyn TokenProvider>,
+    token_requests: Arc<AtomicU64>,
+}
+
+impl FetchToken {
+    pub(crate) fn new(provider: Arc<dyn TokenProvider>, token_requests: Arc<AtomicU64>) -> Self {
+        Self {
+            provider,
+            token_requests,
+        }
+    }
+
+    /// Call the provider once. A lifetime given as `expires_in` counts from the moment of this
+    /// call, so the token can be handed to other processes with an absolute expiry.
+    pub fn fetch(&self) -> impl Future<Output = Result<Token, tower::BoxError>> + Send + 'static {
+        self.token_requests.fetch_add(1, Ordering::Relaxed);
+        let sent_at = Instant::now();
+        let provider = self.provider.clone();
+        let fetch = std::panic::catch_unwind(AssertUnwindSafe(|| provider.fetch_token()));
+        async move {
+            match fetch {
+                Ok(fetch) => fetch.await.map(|token| token.anchored_at(sent_at)),
+                Err(_panic) => Err(AuthError::ProviderPanicked.into()),
+            }
+        }
+    }
+}
+
+impl fmt::Debug for FetchToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchToken").finish_non_exhaustive()
+    }
+}
+
+/// The default store: every cache asks its own provider. Nothing leaves the process.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalStore;
+
+impl TokenStore for LocalStore {
+    fn refresh(&self, _request: RefreshRequest, fetch: FetchToken) -> StoreFuture {
+        Box::pin(fetch.fetch())
+    }
+}

@@ -1,0 +1,580 @@
+//! `RedisStore` against a real `redis-server` on loopback (feature `redis`; `.ci/run` installs
+//! the Debian package): a fleet of 8 processes sharing one token, a lock holder killed while it
+//! fetches, Redis stopped and restarted mid-run, late 401s, sealed tokens.
+//!
+//! Each test starts its own `redis-server` on a free port, so it can stop and restart it. The
+//! fleet's processes are this test binary started again with `fleet_worker` as the only test
+//! to run, driven by environment variables; the identity provider and API stay in the parent.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_auth_refresh::redis_store::{EncryptionKey, RedisStats, RedisStore};
+use tower_auth_refresh::{AuthLayer, AuthService, TokenCache};
+
+use support::{
+    body_string, client, http_provider_at, Api, IdentityProvider, IdpMode, TokenRegistry,
+};
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    tower_auth_refresh::ReplayBody<Empty<Bytes>>,
+>;
+
+/// Bounds every wait of these tests; far above what any step needs on a loaded 2-core machine.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+// ---- a real redis-server -------------------------------------------------------------------
+
+struct RedisServer {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .unwrap();
+        let mut server = Self { port, child: None };
+        server.restart();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// (Re)start on the same port, empty, and wait until it answers `PING`.
+    fn restart(&mut self) {
+        self.stop();
+        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = std::process::Command::new(&binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot start `{binary}` ({error}): these tests need a Redis server \
+                     (Debian: apt-get install redis-server; .ci/run installs it)"
+                )
+            });
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        while self.command("PING").as_deref() != Some("+PONG") {
+            assert!(started.elapsed() < PATIENCE, "redis-server never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// One inline command, answered on one line (enough for `PING`, `PTTL`, `GET` of a small
+    /// value).
+    fn command(&self, command: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+        let mut answer = vec![0; 64 * 1024];
+        let mut read = 0;
+        loop {
+            let n = stream.read(&mut answer[read..]).ok()?;
+            read += n;
+            let text = String::from_utf8_lossy(&answer[..read]);
+            // A bulk string is `$<len>\r\n<data>\r\n`; everything else is one line.
+            let complete = match text.strip_prefix('$') {
+                Some(rest) => match rest.split_once("\r\n") {
+                    Some((len, data)) => {
+                        len.parse::<i64>().is_ok_and(|len| len < 0)
+                            || data.len() >= len.parse::<usize>().unwrap_or(0) + 2
+                    }
+                    None => false,
+                },
+                None => text.ends_with("\r\n"),
+            };
+            if complete || n == 0 {
+                return Some(text.trim_end().to_owned());
+            }
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---- helpers --------------------------------------------------------------------------------
+
+fn store(redis: &RedisServer) -> RedisStore {
+    RedisStore::builder(&redis.url(), "tests").unwrap().build()
+}
+
+fn service(cache: &TokenCache) -> AuthService<Client> {
+    ServiceBuilder::new()
+        .layer(AuthLayer::with_cache(cache.clone()))
+        .service(client())
+}
+
+/// One GET of `/whoami`: the status, and the token the API accepted.
+async fn whoami(service: &AuthService<Client>, api: &Api) -> (StatusCode, String) {
+    let request = Request::get(api.url("/whoami")).body(Empty::new()).unwrap();
+    let response = tokio::time::timeout(PATIENCE, service.clone().oneshot(request))
+        .await
+        .expect("a request hung")
+        .expect("a request failed");
+    let status = response.status();
+    (status, body_string(response).await)
+}
+
+/// An identity provider whose tokens expire after `ttl` on the server without saying so:
+/// clients learn of each expiry through a 401, so every token request answers an expiry.
+async fn servers(ttl: Option<Duration>) -> (TokenRegistry, IdentityProvider, Api) {
+    let registry = TokenRegistry::default();
+    let idp = IdentityProvider::start(registry.clone(), ttl).await;
+    idp.announce_expiry(false);
+    let api = Api::start(registry.clone(), 1_000).await;
+    (registry, idp, api)
+}
+
+// ---- the worker processes -------------------------------------------------------------------
+
+/// Not a test of its own: the body of the fleet's processes, started by the tests below with
+/// `FLEET_ROLE` set. Run directly it does nothing.
+#[test]
+#[ignore = "a worker process of the fleet tests; does nothing without FLEET_ROLE"]
+fn fleet_worker() {
+    let Ok(role) = std::env::var("FLEET_ROLE") else {
+        return;
+    };
+    let env = |name: &str| std::env::var(name).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = RedisStore::builder(&env("REDIS_URL"), "tests")
+            .unwrap()
+            .lock_ttl(Duration::from_millis(env("LOCK_TTL_MS").parse().unwrap()))
+            .build();
+        let cache = TokenCache::builder(http_provider_at(env("IDP_URL")))
+            .store(store.clone())
+            .build();
+        match role.as_str() {
+            // Take the lock and hang in the provider call until killed.
+            "lock_holder" => {
+                let _ = cache.token().await;
+                unreachable!("the identity provider hangs; this process is killed first");
+            }
+            "requests" => {
+                let service = service(&cache);
+                let api_url = env("API_URL");
+                let run_for = Duration::from_millis(env("RUN_FOR_MS").parse().unwrap());
+                let tasks: usize = env("TASKS").parse().unwrap();
+                let deadline = Instant::now() + run_for;
+                let handles: Vec<_> = (0..tasks)
+                    .map(|_| {
+                        let service = service.clone();
+                        let url = format!("{api_url}/whoami");
+                        tokio::spawn(async move {
+                            let (mut ok, mut failed) = (0_u64, 0_u64);
+                            while Instant::now() < deadline {
+                                let request = Request::get(&url).body(Empty::new()).unwrap();
+                                match service.clone().oneshot(request).await {
+                                    Ok(response) if response.status() == StatusCode::OK => ok += 1,
+                                    _ => failed += 1,
+                                }
+                            }
+                            (ok, failed)
+                        })
+                    })
+                    .collect();
+                let (mut ok, mut failed) = (0, 0);
+                for handle in handles {
+                    let (o, f) = handle.await.unwrap();
+                    ok += o;
+                    failed += f;
+                }
+                let stats: RedisStats = store.stats();
+                println!(
+                    "FLEET_RESULT ok={ok} failed={failed} token_requests={} adopted={} \
+                     published={} lock_waits={} fallbacks={} replays={}",
+                    cache.stats().token_requests,
+                    stats.adopted,
+                    stats.published,
+                    stats.lock_waits,
+                    stats.fallbacks,
+                    cache.stats().replays,
+                );
+            }
+            other => panic!("unknown FLEET_ROLE {other}"),
+        }
+    });
+}
+
+fn worker(role: &str, vars: &[(&str, String)]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["fleet_worker", "--exact", "--ignored", "--nocapture"])
+        .args(["--test-threads", "1"])
+        .env("FLEET_ROLE", role)
+        .envs(vars.iter().map(|(name, value)| (name, value)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// The numbers one worker printed.
+#[derive(Debug, Default)]
+struct WorkerResult {
+    ok: u64,
+    failed: u64,
+    token_requests: u64,
+    adopted: u64,
+    published: u64,
+    lock_waits: u64,
+    fallbacks: u64,
+    replays: u64,
+}
+
+fn parse_result(stdout: &str) -> Option<WorkerResult> {
+    // libtest prints the test's name on the same line, before what the test prints.
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("FLEET_RESULT ").map(|(_, rest)| rest))?;
+    let mut result = WorkerResult::default();
+    for field in line.split_whitespace() {
+        let (name, value) = field.split_once('=')?;
+        let value: u64 = value.parse().ok()?;
+        match name {
+            "ok" => result.ok = value,
+            "failed" => result.failed = value,
+            "token_requests" => result.token_requests = value,
+            "adopted" => result.adopted = value,
+            "published" => result.published = value,
+            "lock_waits" => result.lock_waits = value,
+            "fallbacks" => result.fallbacks = value,
+            "replays" => result.replays = value,
+            _ => return None,
+        }
+    }
+    Some(result)
+}
+
+// ---- the tests ------------------------------------------------------------------------------
+
+/// 8 processes × 32 tasks for 10 seconds while tokens expire every second, unannounced: the
+/// whole fleet makes one token request per expiry (plus the first), not one per process, and
+/// no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_8_processes_makes_one_token_request_per_expiry() {
+    const PROCESSES: usize = 8;
+    const TTL: Duration = Duration::from_secs(1);
+    let redis = RedisServer::start();
+    let (registry, idp, api) = servers(Some(TTL)).await;
+    let vars = [
+        ("REDIS_URL", redis.url()),
+        ("IDP_URL", idp.token_url()),
+        ("API_URL", api.url("")),
+        ("RUN_FOR_MS", "10000".to_owned()),
+        ("TASKS", "32".to_owned()),
+        ("LOCK_TTL_MS", "10000".to_owned()),
+    ];
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|_| worker("requests", &vars).spawn().unwrap())
+        .collect();
+    let mut results = Vec::new();
+    for child in children {
+        let output = tokio::time::timeout(PATIENCE, child.wait_with_output())
+            .await
+            .expect("a worker process hung")
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "a worker failed:\n{stdout}\n{stderr}"
+        );
+        results.push(parse_result(&stdout).unwrap_or_else(|| panic!("no result in:\n{stdout}")));
+    }
+    let run_ended = Instant::now();
+
+    let ok: u64 = results.iter().map(|r| r.ok).sum();
+    let failed: u64 = results.iter().map(|r| r.failed).sum();
+    let fleet_token_requests: u64 = results.iter().map(|r| r.token_requests).sum();
+    let fallbacks: u64 = results.iter().map(|r| r.fallbacks).sum();
+    let published: u64 = results.iter().map(|r| r.published).sum();
+    let adopted: u64 = results.iter().map(|r| r.adopted).sum();
+    eprintln!("fleet: {results:#?}");
+
+    // Every token request reached the identity provider, and each was for a real expiry: every
+    // token was requested only after the one before it had expired on the server.
+    let token_requests = idp.token_requests();
+    assert_eq!(fleet_token_requests, token_requests as u64);
+    let expiries: Vec<Instant> = registry
+        .expiries()
+        .into_iter()
+        .map(Option::unwrap)
+        .collect();
+    assert_eq!(expiries.len(), token_requests);
+    for pair in expiries.windows(2) {
+        let next_issued = pair[1] - TTL;
+        assert!(
+            next_issued >= pair[0],
+            "a token was requested {:?} before the previous one expired",
+            pair[0] - next_issued
+        );
+    }
+    // Each token after the first answers the expiry of the one before it.
+    let expired = expiries
+        .windows(2)
+        .filter(|pair| pair[1] - TTL >= pair[0] && pair[0] <= run_ended)
+        .count();
+    assert_eq!(token_requests, expired + 1, "token requests = expiries + 1");
+    // Ten seconds of one-second tokens: about ten expiries (each noticed by a 401 at once).
+    eprintln!(
+        "fleet of {PROCESSES}: {ok} requests, {failed} failed, {token_requests} token requests, \
+         {expired} expiries, {adopted} tokens taken from Redis"
+    );
+    assert!((8..=11).contains(&expired), "{expired} expiries in 10 s");
+    assert_eq!(fallbacks, 0);
+    assert_eq!(published, token_requests as u64);
+    // The other processes took the tokens from Redis.
+    assert!(
+        adopted >= (PROCESSES as u64 - 1),
+        "{adopted} tokens adopted"
+    );
+
+    assert_eq!(failed, 0, "no request may fail");
+    assert!(results.iter().all(|r| r.ok > 0));
+    assert_eq!(api.served() as u64, ok);
+}
+
+/// The process holding the lock is killed while it waits for the identity provider; another
+/// process takes over once the lock's TTL has passed, and fetches the token itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_holder_killed_mid_refresh_is_taken_over_after_the_lock_ttl() {
+    let redis = RedisServer::start();
+    let (_registry, idp, api) = servers(None).await;
+    idp.set_mode(IdpMode::Hang);
+    let vars = [
+        ("REDIS_URL", redis.url()),
+        ("IDP_URL", idp.token_url()),
+        ("LOCK_TTL_MS", "2000".to_owned()),
+    ];
+    let mut holder = worker("lock_holder", &vars).spawn().unwrap();
+    let waiting = Instant::now();
+    while idp.token_requests() == 0 {
+        assert!(
+            waiting.elapsed() < PATIENCE,
+            "the lock holder never asked for a token"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    holder.kill().await.unwrap();
+    idp.set_mode(IdpMode::Issue);
+    let lock_key = "tower-auth-refresh:tests:lock";
+    let ttl: i64 = redis.command(&format!("PTTL {lock_key}")).unwrap()[1..]
+        .parse()
+        .unwrap();
+    assert!(
+        ttl > 0,
+        "the dead process's lock is still held ({ttl} ms left)"
+    );
+
+    let store = store(&redis);
+    let cache = TokenCache::builder(http_provider_at(idp.token_url()))
+        .store(store.clone())
+        .build();
+    let started = Instant::now();
+    let (status, token) = whoami(&service(&cache), &api).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!token.is_empty());
+    assert!(
+        started.elapsed() + Duration::from_millis(50) >= Duration::from_millis(ttl as u64),
+        "took over after {:?}, before the lock's {ttl} ms ran out",
+        started.elapsed()
+    );
+    assert_eq!(
+        idp.token_requests(),
+        2,
+        "the dead holder's request and the new one"
+    );
+    let stats = store.stats();
+    assert_eq!(
+        (stats.lock_waits, stats.published, stats.fallbacks),
+        (1, 1, 0)
+    );
+}
+
+/// Four caches (as four processes would) share tokens; Redis is stopped: every request still
+/// succeeds, each cache fetching its own token; Redis comes back: sharing resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_run_falls_back_to_local_refresh_and_sharing_resumes() {
+    const CACHES: usize = 4;
+    let mut redis = RedisServer::start();
+    let (registry, idp, api) = servers(None).await;
+    let members: Vec<(RedisStore, TokenCache, AuthService<Client>)> = (0..CACHES)
+        .map(|_| {
+            let store = RedisStore::builder(&redis.url(), "tests")
+                .unwrap()
+                .operation_timeout(Duration::from_millis(500))
+                .build();
+            let cache = TokenCache::builder(http_provider_at(idp.token_url()))
+                .store(store.clone())
+                .build();
+            let service = service(&cache);
+            (store, cache, service)
+        })
+        .collect();
+
+    // One round: every token expires on the server, then 8 requests from each cache at once.
+    // Returns the token requests the round cost.
+    let api = &api;
+    let round = || async {
+        registry.revoke_all();
+        let before = idp.token_requests();
+        let requests = members.iter().flat_map(|(_, _, service)| {
+            (0..8).map(move |_| async move { whoami(service, api).await.0 })
+        });
+        let statuses = futures::future::join_all(requests).await;
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "{statuses:?}"
+        );
+        idp.token_requests() - before
+    };
+
+    // The first token, then two expiries: one token request each for all four caches.
+    assert_eq!(round().await, 1);
+    assert_eq!(round().await, 1);
+    assert_eq!(round().await, 1);
+
+    redis.stop();
+    for _ in 0..3 {
+        assert_eq!(round().await, CACHES, "each cache fetches its own token");
+    }
+    let fallbacks: u64 = members
+        .iter()
+        .map(|(store, _, _)| store.stats().fallbacks)
+        .sum();
+    assert_eq!(fallbacks, 3 * CACHES as u64);
+
+    redis.restart();
+    // Each connection notices the restart on its first command (which may fail and fall back);
+    // within a few rounds every cache is sharing again, and from then on one request a round.
+    let mut settled = false;
+    for _ in 0..5 {
+        if round().await == 1 {
+            settled = true;
+            break;
+        }
+    }
+    assert!(settled, "sharing never resumed after Redis came back");
+    for _ in 0..3 {
+        assert_eq!(round().await, 1);
+    }
+}
+
+/// A 401 withdraws the shared token only while Redis still holds the rejected one: a slow
+/// process's late 401 for an old token takes the fleet's new token, and deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_401_for_an_old_token_keeps_the_fleets_new_token() {
+    let redis = RedisServer::start();
+    let (registry, idp, api) = servers(None).await;
+    let (store_a, store_b) = (store(&redis), store(&redis));
+    let cache_a = TokenCache::builder(http_provider_at(idp.token_url()))
+        .store(store_a.clone())
+        .build();
+    let cache_b = TokenCache::builder(http_provider_at(idp.token_url()))
+        .store(store_b.clone())
+        .build();
+    let (a, b) = (service(&cache_a), service(&cache_b));
+
+    let (_, first) = whoami(&a, &api).await;
+    let (_, same) = whoami(&b, &api).await;
+    assert_eq!(first, same, "B took A's token from Redis");
+    assert_eq!(idp.token_requests(), 1);
+
+    registry.revoke_all();
+    let (status, second) = whoami(&a, &api).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(second, first);
+    assert_eq!(
+        store_a.stats().withdrawn,
+        1,
+        "A withdrew the rejected token"
+    );
+
+    // B still holds the first token; its 401 comes late.
+    let (status, for_b) = whoami(&b, &api).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(for_b, second, "B took the fleet's new token");
+    assert_eq!(idp.token_requests(), 2);
+    let stats_b = store_b.stats();
+    assert_eq!(
+        (stats_b.adopted, stats_b.withdrawn, stats_b.published),
+        (2, 0, 0)
+    );
+    let shared = redis.command("GET tower-auth-refresh:tests:token").unwrap();
+    assert!(shared.contains(&second), "the new token is still shared");
+}
+
+/// With an encryption key, Redis never sees the token, and a process with another key (or
+/// none) cannot use what is stored: it fetches its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_tokens_are_unreadable_in_redis_and_need_the_key() {
+    let redis = RedisServer::start();
+    let (_registry, idp, api) = servers(None).await;
+    let sealed = |key: [u8; 32]| {
+        RedisStore::builder(&redis.url(), "tests")
+            .unwrap()
+            .encryption_key(EncryptionKey::from_bytes(key))
+            .build()
+    };
+    let cache = |store: RedisStore| {
+        TokenCache::builder(http_provider_at(idp.token_url()))
+            .store(store)
+            .build()
+    };
+    let (first, same_key, other_key) = (sealed([1; 32]), sealed([1; 32]), sealed([2; 32]));
+    let (_, token) = whoami(&service(&cache(first)), &api).await;
+    let stored = redis.command("GET tower-auth-refresh:tests:token").unwrap();
+    assert!(stored.contains("tar1e"), "{stored}");
+    assert!(!stored.contains(&token), "the token is readable in Redis");
+
+    let (_, with_same_key) = whoami(&service(&cache(same_key.clone())), &api).await;
+    assert_eq!(with_same_key, token);
+    assert_eq!(same_key.stats().adopted, 1);
+    assert_eq!(idp.token_requests(), 1);
+
+    let other_key_cache = cache(other_key.clone());
+    let (_, with_other_key) = whoami(&service(&other_key_cache), &api).await;
+    assert_ne!(with_other_key, token);
+    assert_eq!(other_key.stats().adopted, 0);
+    let plain = store(&redis);
+    let (_, with_no_key) = whoami(&service(&cache(plain.clone())), &api).await;
+    assert_eq!(plain.stats().adopted, 0);
+    assert!(!with_no_key.is_empty());
+    assert_eq!(idp.token_requests(), 3);
+}
