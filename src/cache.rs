@@ -54,6 +54,9 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// The longest `Retry-After` from an identity provider the cache waits for; longer requests
 /// (or garbage dates years ahead) are cut to this.
 const MAX_HONOURED_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+/// How far in the future another process may say a token was issued (clocks disagree); beyond
+/// that, the issue time is not believed.
+const MAX_ISSUE_CLOCK_DRIFT: Duration = Duration::from_secs(5);
 /// Default authorization scheme.
 pub const DEFAULT_SCHEME: &str = "Bearer";
 
@@ -158,6 +161,11 @@ impl Entry {
         config: &CacheConfig,
     ) -> Result<Self, AuthError> {
         let header = header_value(&config.scheme, token.secret())?;
+        // A token taken from another process started its life when that process asked for it.
+        let requested_at = token
+            .issued_at()
+            .filter(|issued| *issued <= requested_at + MAX_ISSUE_CLOCK_DRIFT)
+            .unwrap_or(requested_at);
         let (advisory_at, stale_at) = match token.expires_at_from(requested_at) {
             None => (None, None),
             Some(expires_at) if expires_at <= now => {

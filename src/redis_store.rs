@@ -418,7 +418,10 @@ impl Inner {
             if request.accepts(&shared.token, Instant::now()) {
                 return Ok(Outcome::Adopted(shared.token));
             }
-            if request.rejected() {
+            let still_rejected = request
+                .replacing()
+                .is_some_and(|old| old.secret() == shared.token.secret());
+            if request.rejected() && still_rejected {
                 // Still the token the API refused: nobody else should take it either.
                 let removed: i64 = self
                     .compare_and_delete(&self.token_key, &shared.raw)
@@ -578,47 +581,43 @@ impl Inner {
             .map_err(Unavailable::Redis)
     }
 
-    /// `tar1p <expiry ms> <secret>` or `tar1e <expiry ms> <nonce><sealed secret>`; expiry 0
-    /// means unknown.
+    /// `tar1p <expiry> <issued> <secret>` or `tar1e <expiry> <issued> <nonce><sealed secret>`,
+    /// times in Unix milliseconds, 0 for unknown. Sealed, the key's name and both times are
+    /// authenticated with the secret.
     fn encode(&self, token: &Token) -> Vec<u8> {
-        let expiry = token.expires_at().map_or(0, wall_clock_millis).to_string();
-        let mut value = Vec::with_capacity(token.secret().len() + 64);
-        match &self.cipher {
-            None => {
-                value.extend_from_slice(PLAIN_TAG);
-                value.push(b' ');
-                value.extend_from_slice(expiry.as_bytes());
-                value.push(b' ');
-                value.extend_from_slice(token.secret().as_bytes());
-            }
+        let times = format!(
+            "{} {}",
+            token.expires_at().map_or(0, wall_clock_millis),
+            token.issued_at().map_or(0, wall_clock_millis)
+        );
+        let body = match &self.cipher {
+            None => token.secret().as_bytes().to_vec(),
             Some(cipher) => {
                 let nonce = XNonce::generate();
-                let aad = self.associated_data(&expiry);
-                let Ok(sealed) = cipher.encrypt(
-                    &nonce,
-                    Payload {
-                        msg: token.secret().as_bytes(),
-                        aad: &aad,
-                    },
-                ) else {
-                    return Vec::new(); // cannot happen for a token-sized message; not shared
+                let payload = Payload {
+                    msg: token.secret().as_bytes(),
+                    aad: &self.associated_data(&times),
                 };
-                value.extend_from_slice(SEALED_TAG);
-                value.push(b' ');
-                value.extend_from_slice(expiry.as_bytes());
-                value.push(b' ');
-                value.extend_from_slice(&nonce);
-                value.extend_from_slice(&sealed);
+                let Ok(sealed) = cipher.encrypt(&nonce, payload) else {
+                    return Vec::new(); // cannot happen for a token-sized message
+                };
+                [&nonce[..], &sealed].concat()
             }
-        }
-        value
+        };
+        let tag = if self.cipher.is_some() {
+            SEALED_TAG
+        } else {
+            PLAIN_TAG
+        };
+        [tag, b" ", times.as_bytes(), b" ", &body].concat()
     }
 
     fn decode(&self, raw: &[u8]) -> Option<Token> {
-        let mut parts = raw.splitn(3, |byte| *byte == b' ');
-        let (tag, expiry, body) = (parts.next()?, parts.next()?, parts.next()?);
-        let expiry_text = std::str::from_utf8(expiry).ok()?;
-        let expiry_ms: u64 = expiry_text.parse().ok()?;
+        let mut parts = raw.splitn(4, |byte| *byte == b' ');
+        let (tag, expiry, issued, body) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let millis = |field: &[u8]| std::str::from_utf8(field).ok()?.parse::<u64>().ok();
+        let (expiry_ms, issued_ms) = (millis(expiry)?, millis(issued)?);
         let secret = match (tag, &self.cipher) {
             (PLAIN_TAG, None) => String::from_utf8(body.to_vec()).ok()?,
             (SEALED_TAG, Some(cipher)) => {
@@ -627,17 +626,11 @@ impl Inner {
                 }
                 let (nonce, sealed) = body.split_at(NONCE_LEN);
                 let nonce = XNonce::try_from(nonce).ok()?;
-                let aad = self.associated_data(expiry_text);
-                let plain = cipher
-                    .decrypt(
-                        &nonce,
-                        Payload {
-                            msg: sealed,
-                            aad: &aad,
-                        },
-                    )
-                    .ok()?;
-                String::from_utf8(plain).ok()?
+                let payload = Payload {
+                    msg: sealed,
+                    aad: &self.associated_data(&format!("{expiry_ms} {issued_ms}")),
+                };
+                String::from_utf8(cipher.decrypt(&nonce, payload).ok()?).ok()?
             }
             // A plain value when we expect a sealed one (or the reverse) is not trusted.
             _ => return None,
@@ -645,15 +638,18 @@ impl Inner {
         if secret.is_empty() {
             return None;
         }
-        let token = Token::new(secret);
-        Some(match expiry_ms {
-            0 => token,
-            ms => token.with_expires_at(instant_from_wall_clock_millis(ms)),
-        })
+        let mut token = Token::new(secret);
+        if expiry_ms != 0 {
+            token = token.with_expires_at(instant_from_wall_clock_millis(expiry_ms));
+        }
+        if issued_ms != 0 {
+            token = token.with_issued_at(instant_from_wall_clock_millis(issued_ms));
+        }
+        Some(token)
     }
 
-    fn associated_data(&self, expiry: &str) -> Vec<u8> {
-        format!("{}\n{}", self.token_key, expiry).into_bytes()
+    fn associated_data(&self, times: &str) -> Vec<u8> {
+        format!("{}\n{}", self.token_key, times).into_bytes()
     }
 }
 
@@ -752,7 +748,7 @@ mod tests {
         let mut flipped = raw.clone();
         *flipped.last_mut().unwrap() ^= 1;
         assert!(store.inner.decode(&flipped).is_none());
-        assert!(store.inner.decode(b"tar1p 0 forged").is_none());
+        assert!(store.inner.decode(b"tar1p 0 0 forged").is_none());
         assert!(self::store(None).inner.decode(&raw).is_none());
     }
 

@@ -85,15 +85,27 @@ impl RefreshRequest {
         self.rejected
     }
 
-    /// Whether `candidate` may replace the token being replaced: it is a different token and
-    /// still has time to live at `now`.
+    /// Whether `candidate` may replace the token being replaced: a different token, still alive
+    /// at `now`, and newer. Newer means issued later when both issue times are known (a token
+    /// older than one the API refused has most likely expired too), else expiring later when
+    /// both expiries are known.
     pub fn accepts(&self, candidate: &Token, now: Instant) -> bool {
-        let different = self
-            .replacing
-            .as_ref()
-            .is_none_or(|old| old.secret() != candidate.secret());
-        let alive = candidate.expires_at().is_none_or(|at| at > now);
-        different && alive
+        if candidate.expires_at().is_some_and(|at| at <= now) {
+            return false;
+        }
+        let Some(old) = &self.replacing else {
+            return true;
+        };
+        if old.secret() == candidate.secret() {
+            return false;
+        }
+        match (old.issued_at(), candidate.issued_at()) {
+            (Some(old), Some(new)) => new > old,
+            _ => match (old.expires_at(), candidate.expires_at()) {
+                (Some(old), Some(new)) => new > old,
+                _ => true,
+            },
+        }
     }
 }
 
@@ -145,5 +157,40 @@ pub struct LocalStore;
 impl TokenStore for LocalStore {
     fn refresh(&self, _request: RefreshRequest, fetch: FetchToken) -> StoreFuture {
         Box::pin(fetch.fetch())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn accepts_only_a_different_living_newer_token() {
+        let now = Instant::now();
+        let issued = |secret: &str, at: Instant| Token::new(secret).with_issued_at(at);
+        let old = issued("old", now);
+        let rejected = RefreshRequest::new(Some(old.clone()), true);
+        let later = now + Duration::from_millis(5);
+
+        assert!(RefreshRequest::new(None, false).accepts(&old, now));
+        assert!(!rejected.accepts(&old, now), "the same token");
+        assert!(rejected.accepts(&issued("new", later), now));
+        assert!(
+            !rejected.accepts(&issued("older", now), now),
+            "not issued later"
+        );
+        let expired = Token::new("gone").with_expires_at(now);
+        assert!(!RefreshRequest::new(None, false).accepts(&expired, now));
+
+        // Without issue times, a later expiry decides; without either, any other token.
+        let expiring = Token::new("a").with_expires_at(later);
+        let request = RefreshRequest::new(Some(expiring), false);
+        assert!(request.accepts(
+            &Token::new("b").with_expires_at(later + Duration::from_secs(1)),
+            now
+        ));
+        assert!(!request.accepts(&Token::new("c").with_expires_at(later), now));
+        assert!(request.accepts(&Token::new("d"), now));
     }
 }

@@ -29,6 +29,9 @@ pub struct Token {
     expiry: Expiry,
     refresh_token: Option<Arc<str>>,
     scope: Option<Arc<str>>,
+    /// When the request that produced it was sent, once known: the start of its life, from
+    /// which the cache places its refresh windows, wherever in a fleet the token is used.
+    issued_at: Option<Instant>,
 }
 
 /// When a token stops being valid.
@@ -54,6 +57,7 @@ impl Token {
             expiry: Expiry::Unknown,
             refresh_token: None,
             scope: None,
+            issued_at: None,
         }
     }
 
@@ -121,12 +125,22 @@ impl Token {
     /// The same token with a relative lifetime counted from `sent_at`, the moment its request
     /// was sent, so its expiry no longer depends on who reads it when.
     pub(crate) fn anchored_at(mut self, sent_at: Instant) -> Self {
+        self.issued_at.get_or_insert(sent_at);
         if let Expiry::In { lifetime, .. } = self.expiry {
             self.expiry = match sent_at.checked_add(lifetime) {
                 Some(at) => Expiry::At(at),
                 None => Expiry::Unknown,
             };
         }
+        self
+    }
+
+    pub(crate) fn issued_at(&self) -> Option<Instant> {
+        self.issued_at
+    }
+
+    pub(crate) fn with_issued_at(mut self, at: Instant) -> Self {
+        self.issued_at = Some(at);
         self
     }
 

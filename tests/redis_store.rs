@@ -283,24 +283,25 @@ fn parse_result(stdout: &str) -> Option<WorkerResult> {
 
 // ---- the tests ------------------------------------------------------------------------------
 
-/// 8 processes × 32 tasks for 10 seconds while tokens expire every second, unannounced: the
-/// whole fleet makes one token request per expiry (plus the first), not one per process, and
-/// no request fails.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_of_8_processes_makes_one_token_request_per_expiry() {
-    const PROCESSES: usize = 8;
-    const TTL: Duration = Duration::from_secs(1);
-    let redis = RedisServer::start();
-    let (registry, idp, api) = servers(Some(TTL)).await;
+/// Start `processes` workers of `tasks` tasks each, sending requests for `run_for`; their
+/// results once all have exited.
+async fn run_fleet(
+    redis: &RedisServer,
+    idp: &IdentityProvider,
+    api: &Api,
+    processes: usize,
+    tasks: usize,
+    run_for: Duration,
+) -> Vec<WorkerResult> {
     let vars = [
         ("REDIS_URL", redis.url()),
         ("IDP_URL", idp.token_url()),
         ("API_URL", api.url("")),
-        ("RUN_FOR_MS", "10000".to_owned()),
-        ("TASKS", "32".to_owned()),
+        ("RUN_FOR_MS", run_for.as_millis().to_string()),
+        ("TASKS", tasks.to_string()),
         ("LOCK_TTL_MS", "10000".to_owned()),
     ];
-    let children: Vec<_> = (0..PROCESSES)
+    let children: Vec<_> = (0..processes)
         .map(|_| worker("requests", &vars).spawn().unwrap())
         .collect();
     let mut results = Vec::new();
@@ -317,57 +318,105 @@ async fn a_fleet_of_8_processes_makes_one_token_request_per_expiry() {
         );
         results.push(parse_result(&stdout).unwrap_or_else(|| panic!("no result in:\n{stdout}")));
     }
-    let run_ended = Instant::now();
-
-    let ok: u64 = results.iter().map(|r| r.ok).sum();
-    let failed: u64 = results.iter().map(|r| r.failed).sum();
-    let fleet_token_requests: u64 = results.iter().map(|r| r.token_requests).sum();
-    let fallbacks: u64 = results.iter().map(|r| r.fallbacks).sum();
-    let published: u64 = results.iter().map(|r| r.published).sum();
-    let adopted: u64 = results.iter().map(|r| r.adopted).sum();
     eprintln!("fleet: {results:#?}");
+    // Every token request the processes made reached the identity provider; none failed.
+    let fleet_token_requests: u64 = results.iter().map(|r| r.token_requests).sum();
+    assert_eq!(fleet_token_requests, idp.token_requests() as u64);
+    assert_eq!(results.iter().map(|r| r.fallbacks).sum::<u64>(), 0);
+    assert_eq!(
+        results.iter().map(|r| r.failed).sum::<u64>(),
+        0,
+        "no request may fail"
+    );
+    assert!(results.iter().all(|r| r.ok > 0));
+    assert_eq!(
+        api.served() as u64,
+        results.iter().map(|r| r.ok).sum::<u64>()
+    );
+    results
+}
 
-    // Every token request reached the identity provider, and each was for a real expiry: every
-    // token was requested only after the one before it had expired on the server.
-    let token_requests = idp.token_requests();
-    assert_eq!(fleet_token_requests, token_requests as u64);
-    let expiries: Vec<Instant> = registry
+/// When each token was issued, earliest first (the identity provider's tokens live `ttl`).
+fn issue_times(registry: &TokenRegistry, ttl: Duration) -> Vec<Instant> {
+    registry
         .expiries()
         .into_iter()
-        .map(Option::unwrap)
-        .collect();
-    assert_eq!(expiries.len(), token_requests);
-    for pair in expiries.windows(2) {
-        let next_issued = pair[1] - TTL;
+        .map(|expiry| expiry.unwrap() - ttl)
+        .collect()
+}
+
+/// 8 processes × 32 tasks for 10 seconds while tokens expire every second, unannounced: the
+/// whole fleet makes one token request per expiry (plus the first), not one per process, and
+/// no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_8_processes_makes_one_token_request_per_expiry() {
+    const PROCESSES: usize = 8;
+    const TTL: Duration = Duration::from_secs(1);
+    let redis = RedisServer::start();
+    let (registry, idp, api) = servers(Some(TTL)).await;
+    let results = run_fleet(&redis, &idp, &api, PROCESSES, 32, Duration::from_secs(10)).await;
+
+    // Each token was requested only after the one before it had expired on the server: every
+    // token request after the first answers one expiry.
+    let token_requests = idp.token_requests();
+    let issued = issue_times(&registry, TTL);
+    assert_eq!(issued.len(), token_requests);
+    for pair in issued.windows(2) {
         assert!(
-            next_issued >= pair[0],
+            pair[1] >= pair[0] + TTL,
             "a token was requested {:?} before the previous one expired",
-            pair[0] - next_issued
+            pair[0] + TTL - pair[1]
         );
     }
-    // Each token after the first answers the expiry of the one before it.
-    let expired = expiries
+    let expiries = issued
         .windows(2)
-        .filter(|pair| pair[1] - TTL >= pair[0] && pair[0] <= run_ended)
+        .filter(|pair| pair[1] >= pair[0] + TTL)
         .count();
-    assert_eq!(token_requests, expired + 1, "token requests = expiries + 1");
-    // Ten seconds of one-second tokens: about ten expiries (each noticed by a 401 at once).
+    assert_eq!(
+        token_requests,
+        expiries + 1,
+        "token requests = expiries + 1"
+    );
+    let adopted: u64 = results.iter().map(|r| r.adopted).sum();
+    let published: u64 = results.iter().map(|r| r.published).sum();
     eprintln!(
-        "fleet of {PROCESSES}: {ok} requests, {failed} failed, {token_requests} token requests, \
-         {expired} expiries, {adopted} tokens taken from Redis"
+        "fleet of {PROCESSES}: {} requests, {token_requests} token requests, {expiries} \
+         expiries, {adopted} tokens taken from Redis",
+        api.served()
     );
-    assert!((8..=11).contains(&expired), "{expired} expiries in 10 s");
-    assert_eq!(fallbacks, 0);
+    // Ten seconds of one-second tokens: about ten expiries, each noticed by a 401 at once.
+    assert!((8..=11).contains(&expiries), "{expiries} expiries in 10 s");
     assert_eq!(published, token_requests as u64);
-    // The other processes took the tokens from Redis.
-    assert!(
-        adopted >= (PROCESSES as u64 - 1),
-        "{adopted} tokens adopted"
-    );
+    assert!(adopted >= PROCESSES as u64 - 1, "{adopted} tokens adopted");
+}
 
-    assert_eq!(failed, 0, "no request may fail");
-    assert!(results.iter().all(|r| r.ok > 0));
-    assert_eq!(api.served() as u64, ok);
+/// The same with announced lifetimes: each process refreshes ahead of expiry (at half the
+/// token's life), yet the fleet still fetches one token per refresh, never one per process:
+/// consecutive token requests are about half a lifetime apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_refreshing_ahead_of_expiry_fetches_one_token_per_refresh() {
+    const TTL: Duration = Duration::from_secs(1);
+    let redis = RedisServer::start();
+    let (registry, idp, api) = servers(Some(TTL)).await;
+    idp.announce_expiry(true);
+    let run_for = Duration::from_secs(5);
+    run_fleet(&redis, &idp, &api, 4, 8, run_for).await;
+
+    let issued = issue_times(&registry, TTL);
+    // Half a lifetime apart, less what a token request spends in flight (the process counts
+    // from when it sent the request, the identity provider from when it arrived; on a loaded
+    // machine tens of milliseconds). Two processes fetching for the same refresh would be
+    // milliseconds apart.
+    for pair in issued.windows(2) {
+        assert!(
+            pair[1] >= pair[0] + TTL / 4,
+            "two token requests {:?} apart",
+            pair[1] - pair[0]
+        );
+    }
+    // 5 s of refreshes every half second, plus the first token and the start-up of 4 processes.
+    assert!(issued.len() <= 12, "{} token requests in 5 s", issued.len());
+    assert_eq!(api.rejected(), 0, "refreshed ahead of expiry: no 401");
 }
 
 /// The process holding the lock is killed while it waits for the identity provider; another
@@ -427,73 +476,98 @@ async fn a_lock_holder_killed_mid_refresh_is_taken_over_after_the_lock_ttl() {
     );
 }
 
-/// Four caches (as four processes would) share tokens; Redis is stopped: every request still
-/// succeeds, each cache fetching its own token; Redis comes back: sharing resumes.
+/// Four caches (as four processes would) share tokens that expire every 400 ms, unannounced,
+/// under steady traffic. Redis is stopped: every request still succeeds, each cache fetching
+/// its own tokens. Redis comes back: the caches share one token per expiry again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_mid_run_falls_back_to_local_refresh_and_sharing_resumes() {
     const CACHES: usize = 4;
+    const TTL: Duration = Duration::from_millis(400);
+    const PHASE: Duration = Duration::from_secs(2);
     let mut redis = RedisServer::start();
-    let (registry, idp, api) = servers(None).await;
-    let members: Vec<(RedisStore, TokenCache, AuthService<Client>)> = (0..CACHES)
+    let (registry, idp, api) = servers(Some(TTL)).await;
+    let stores: Vec<RedisStore> = (0..CACHES)
         .map(|_| {
-            let store = RedisStore::builder(&redis.url(), "tests")
+            RedisStore::builder(&redis.url(), "tests")
                 .unwrap()
                 .operation_timeout(Duration::from_millis(500))
-                .build();
-            let cache = TokenCache::builder(http_provider_at(idp.token_url()))
-                .store(store.clone())
-                .build();
-            let service = service(&cache);
-            (store, cache, service)
+                .build()
         })
         .collect();
-
-    // One round: every token expires on the server, then 8 requests from each cache at once.
-    // Returns the token requests the round cost.
-    let api = &api;
-    let round = || async {
-        registry.revoke_all();
-        let before = idp.token_requests();
-        let requests = members.iter().flat_map(|(_, _, service)| {
-            (0..8).map(move |_| async move { whoami(service, api).await.0 })
-        });
-        let statuses = futures::future::join_all(requests).await;
-        assert!(
-            statuses.iter().all(|s| *s == StatusCode::OK),
-            "{statuses:?}"
-        );
-        idp.token_requests() - before
-    };
-
-    // The first token, then two expiries: one token request each for all four caches.
-    assert_eq!(round().await, 1);
-    assert_eq!(round().await, 1);
-    assert_eq!(round().await, 1);
-
-    redis.stop();
-    for _ in 0..3 {
-        assert_eq!(round().await, CACHES, "each cache fetches its own token");
-    }
-    let fallbacks: u64 = members
-        .iter()
-        .map(|(store, _, _)| store.stats().fallbacks)
-        .sum();
-    assert_eq!(fallbacks, 3 * CACHES as u64);
-
-    redis.restart();
-    // Each connection notices the restart on its first command (which may fail and fall back);
-    // within a few rounds every cache is sharing again, and from then on one request a round.
-    let mut settled = false;
-    for _ in 0..5 {
-        if round().await == 1 {
-            settled = true;
-            break;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut traffic = Vec::new();
+    for store in &stores {
+        let cache = TokenCache::builder(http_provider_at(idp.token_url()))
+            .store(store.clone())
+            .build();
+        for _ in 0..8 {
+            let (service, url, stop) = (service(&cache), api.url("/whoami"), stop.clone());
+            traffic.push(tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let request = Request::get(&url).body(Empty::new()).unwrap();
+                    let response = tokio::time::timeout(PATIENCE, service.clone().oneshot(request));
+                    match response.await {
+                        Ok(Ok(response)) => statuses.push(response.status()),
+                        Ok(Err(error)) => panic!("a request failed: {error}"),
+                        Err(_) => panic!("a request hung"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                statuses
+            }));
         }
     }
-    assert!(settled, "sharing never resumed after Redis came back");
-    for _ in 0..3 {
-        assert_eq!(round().await, 1);
+
+    tokio::time::sleep(PHASE).await;
+    let stopped_at = Instant::now();
+    redis.stop();
+    tokio::time::sleep(PHASE).await;
+    redis.restart();
+    // Each connection notices the restart on its next command, and tokens that diverged while
+    // Redis was away converge at their next expiry.
+    tokio::time::sleep(PHASE).await;
+    let settled_at = Instant::now();
+    tokio::time::sleep(PHASE).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut statuses = Vec::new();
+    for task in traffic {
+        statuses.extend(task.await.unwrap());
     }
+
+    let failed = statuses.iter().filter(|s| **s != StatusCode::OK).count();
+    assert_eq!(failed, 0, "{failed} of {} requests failed", statuses.len());
+    let fallbacks: u64 = stores.iter().map(|store| store.stats().fallbacks).sum();
+    assert!(fallbacks >= CACHES as u64, "{fallbacks} local refreshes");
+
+    // Shared, before the outage and once settled after it: each token requested only once the
+    // one before it expired.
+    let issued = issue_times(&registry, TTL);
+    let one_per_expiry = |from: Instant, to: Instant| {
+        let phase: Vec<_> = issued
+            .iter()
+            .filter(|at| **at >= from && **at < to)
+            .collect();
+        assert!(phase.len() >= 2, "{} tokens in a phase", phase.len());
+        phase.windows(2).all(|pair| *pair[1] >= *pair[0] + TTL)
+    };
+    let started = issued[0];
+    assert!(one_per_expiry(started, stopped_at), "before the outage");
+    assert!(
+        one_per_expiry(settled_at, Instant::now()),
+        "after Redis came back"
+    );
+    // While Redis was away, each cache fetched its own: several tokens per expiry.
+    let during = issued
+        .iter()
+        .filter(|at| **at >= stopped_at && **at < stopped_at + PHASE)
+        .count();
+    eprintln!(
+        "{} requests; {} tokens in all, {during} while Redis was down; {fallbacks} local refreshes",
+        statuses.len(),
+        issued.len()
+    );
+    assert!(during > (PHASE.as_millis() / TTL.as_millis()) as usize + 1);
 }
 
 /// A 401 withdraws the shared token only while Redis still holds the rejected one: a slow
