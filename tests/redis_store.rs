@@ -652,3 +652,31 @@ async fn sealed_tokens_are_unreadable_in_redis_and_need_the_key() {
     assert!(!with_no_key.is_empty());
     assert_eq!(idp.token_requests(), 3);
 }
+
+/// No Redis at all (down from the start): the token still arrives from the provider, a warning
+/// says why, and nothing logged shows the token.
+#[tokio::test]
+async fn no_redis_at_start_is_a_warning_not_a_failure() {
+    let (captured, _guard) = support::capture_traces();
+    let closed_port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .port();
+    let (_registry, idp, api) = servers(None).await;
+    let store = RedisStore::builder(&format!("redis://127.0.0.1:{closed_port}/"), "tests")
+        .unwrap()
+        .build();
+    let cache = TokenCache::builder(http_provider_at(idp.token_url()))
+        .store(store.clone())
+        .build();
+    let (status, token) = whoami(&service(&cache), &api).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(idp.token_requests(), 1);
+    assert_eq!(store.stats().fallbacks, 1);
+    let logged = captured.text();
+    assert!(
+        logged.contains("shared token store unavailable"),
+        "{logged}"
+    );
+    assert!(!logged.contains(&token), "a token in the log: {logged}");
+}
