@@ -139,6 +139,7 @@ impl Token {
         self.issued_at
     }
 
+    #[cfg(any(feature = "redis", test))]
     pub(crate) fn with_issued_at(mut self, at: Instant) -> Self {
         self.issued_at = Some(at);
         self

@@ -11,10 +11,13 @@
 //!   fetches every page. [`Servers::start`] and [`run_on`] do the same in two steps, so a caller
 //!   can look at the servers afterwards.
 //! - [`run_platform`] asks a real token endpoint (client credentials) and fetches `pages` pages of
-//!   a real API.
+//!   a real API. [`run_platform_shard`] fetches one [`Shard`] of them, with the token cache over
+//!   a given [`TokenStore`]: what each process of the fleet mode (`main.rs`, `fleet.rs`) runs.
 //!
 //! Nothing here prints: progress goes to the `on_page` callback, the outcome to the [`Report`].
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -33,7 +36,7 @@ use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_auth_refresh::cache::DEFAULT_ADVISORY_WINDOW;
 use tower_auth_refresh::oauth2::{self, genesys, ClientAuth, ClientCredentials, Secret};
 use tower_auth_refresh::retry::RetryPolicy;
-use tower_auth_refresh::{AuthLayer, ReplayBody, TokenCache, TokenProvider};
+use tower_auth_refresh::{AuthLayer, LocalStore, ReplayBody, TokenCache, TokenStore};
 
 use crate::support::{Api, IdentityProvider, TokenRegistry};
 
@@ -238,10 +241,11 @@ pub async fn run_on(
         revoke: &revoke,
         token_lifetime: config.token_lifetime,
     };
+    let pages: Vec<usize> = (0..config.pages()).collect();
     let mut report = run_pages(
         config,
-        provider,
-        config.pages(),
+        AuthLayer::new(provider),
+        &pages,
         &page_url,
         Some(disruption),
         &on_page,
@@ -263,7 +267,7 @@ pub async fn run_on(
 /// A real platform: its API and its token endpoint, with client credentials.
 #[derive(Clone, Debug)]
 pub struct Platform {
-    /// The API; `{page}` is replaced by the page number, from 1.
+    /// The API; `{page}` is replaced by the page number from 1, `{page0}` by the number from 0.
     pub api_url: String,
     /// Pages to fetch.
     pub pages: usize,
@@ -290,10 +294,61 @@ pub enum TokenEndpoint {
     Issuer(String),
 }
 
+/// Which pages one process of a fleet fetches: the page numbers (from 0) `index`,
+/// `index + count`, `index + 2 * count`, ... Written and parsed as `index/count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's place in the fleet, from 0.
+    pub index: usize,
+    /// Processes in the fleet, at least 1.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Every page: a process on its own.
+    pub const ALL: Self = Self { index: 0, count: 1 };
+
+    /// This shard's page numbers among `pages` pages.
+    pub fn pages(self, pages: usize) -> impl Iterator<Item = usize> {
+        (self.index..pages).step_by(self.count.max(1))
+    }
+}
+
+impl FromStr for Shard {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        let shard = value
+            .split_once('/')
+            .and_then(|(index, count)| Some((index.parse().ok()?, count.parse().ok()?)))
+            .map(|(index, count)| Self { index, count })
+            .filter(|shard| shard.index < shard.count);
+        shard.ok_or_else(|| format!("`{value}` is not a shard such as 0/4 (index/count)"))
+    }
+}
+
+impl fmt::Display for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
 /// Ask `platform`'s token endpoint (found through discovery for an issuer) and fetch its pages.
 pub async fn run_platform(
     config: &JobConfig,
     platform: &Platform,
+    on_page: impl Fn(&Page),
+) -> Result<Report, BoxError> {
+    run_platform_shard(config, platform, Shard::ALL, LocalStore, on_page).await
+}
+
+/// [`run_platform`] for the pages of `shard` only, with the token cache getting its tokens
+/// through `store` (a `RedisStore` in the fleet mode). The report counts this shard's pages.
+pub async fn run_platform_shard(
+    config: &JobConfig,
+    platform: &Platform,
+    shard: Shard,
+    store: impl TokenStore,
     on_page: impl Fn(&Page),
 ) -> Result<Report, BoxError> {
     let (id, secret) = (platform.client_id.clone(), platform.client_secret.clone());
@@ -319,16 +374,15 @@ pub async fn run_platform(
     if let Some(auth) = platform.client_auth {
         builder = builder.auth_method(auth);
     }
-    let page_url = |page: usize| platform.api_url.replace("{page}", &(page + 1).to_string());
-    let mut report = run_pages(
-        config,
-        builder.build()?,
-        platform.pages,
-        &page_url,
-        None,
-        &on_page,
-    )
-    .await?;
+    let page_url = |page: usize| {
+        platform
+            .api_url
+            .replace("{page0}", &page.to_string())
+            .replace("{page}", &(page + 1).to_string())
+    };
+    let auth = AuthLayer::builder(builder.build()?).store(store).build();
+    let pages: Vec<usize> = shard.pages(platform.pages).collect();
+    let mut report = run_pages(config, auth, &pages, &page_url, None, &on_page).await?;
     report.api = platform.api_url.clone();
     report.token_endpoint = token_endpoint;
     Ok(report)
@@ -344,11 +398,12 @@ struct Disruption<'a> {
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// Fetch pages `0..pages` with `config.concurrency` workers through the whole stack.
+/// Fetch `pages` (page numbers, from 0) with `config.concurrency` workers through the whole stack,
+/// `auth` adding the tokens.
 async fn run_pages(
     config: &JobConfig,
-    provider: impl TokenProvider,
-    pages: usize,
+    auth: AuthLayer,
+    pages: &[usize],
     page_url: &(dyn Fn(usize) -> String + Sync),
     disruption: Option<Disruption<'_>>,
     on_page: &dyn Fn(&Page),
@@ -364,7 +419,6 @@ async fn run_pages(
         .max_retries(config.max_retries)
         .max_retry_after(config.max_retry_after)
         .build();
-    let auth = AuthLayer::new(provider);
     let rate_limit = match config.rate {
         Some(0) => return Err("the rate limit must be at least 1 request per second".into()),
         Some(rate) => Some(
@@ -393,11 +447,7 @@ async fn run_pages(
     let started = Instant::now();
 
     let worker = || async {
-        loop {
-            let page = next_page.fetch_add(1, Ordering::SeqCst);
-            if page >= pages {
-                break;
-            }
+        while let Some(&page) = pages.get(next_page.fetch_add(1, Ordering::SeqCst)) {
             let revoke = disruption
                 .as_ref()
                 .filter(|disruption| disruption.at_pages.contains(&page));
@@ -441,7 +491,7 @@ async fn run_pages(
         token_endpoint: String::new(),
         records: records.into_inner(),
         records_expected: None,
-        pages,
+        pages: pages.len(),
         failures: failures.into_inner(),
         elapsed,
         concurrency,

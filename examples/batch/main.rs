@@ -14,11 +14,18 @@
 //! Cloud domain such as `mypurecloud.ie`) or `ISSUER` (OpenID discovery; NICE CXone's is
 //! `https://cxone.niceincontact.com`). Each also works as a flag. See README.md.
 //!
+//! With `--features redis`, `--workers N --redis URL` runs a fleet instead: this process starts
+//! the servers (or takes the real platform's options) and N copies of itself, each fetching every
+//! N-th page with a `RedisStore` under its token cache, and reports for the whole fleet: one
+//! token request per expiry plus the first, not that many per worker. That is `fleet.rs`.
+//!
 //! The job itself is in `job.rs`, which `tests/batch_job.rs` runs too.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+#[cfg(feature = "redis")]
+mod fleet;
 mod job;
 
 use std::cell::Cell;
@@ -30,7 +37,7 @@ use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use tower::BoxError;
 use tower_auth_refresh::oauth2::{ClientAuth, Secret};
 
-use job::{JobConfig, Page, Platform, Report, TokenEndpoint};
+use job::{JobConfig, Page, Platform, Report, Shard, TokenEndpoint};
 
 const AFTER_HELP: &str = "\
 Without --api-url (API_URL), the job runs against an identity provider and a paginated API it
@@ -43,7 +50,16 @@ environment only), and one of TOKEN_URL, GENESYS_REGION or ISSUER. For example:
   API_URL='https://api.mypurecloud.ie/api/v2/users?pageSize=100&pageNumber={page}' PAGES=20 \\
   cargo run --example batch
 
-The exit status is 1 if any page failed.";
+A fleet of worker processes sharing one token through Redis (needs the `redis` feature):
+
+  cargo run --example batch --features redis -- --workers 4 --redis redis://127.0.0.1:6379/
+
+Each worker fetches every 4th page with its own token cache over a RedisStore; the report counts
+the token requests of the whole fleet: one per expiry plus the first, not that many per worker.
+Set TOKEN_KEY (64 hex digits, environment only) to seal the tokens in Redis. With --api-url, the
+workers run against the real platform instead.
+
+The exit status is 1 if any page failed (or, in a fleet, any worker).";
 
 /// A paginated batch that outlives its tokens, through the whole tower stack.
 #[derive(Parser, Debug)]
@@ -81,8 +97,8 @@ struct Args {
     #[arg(long, value_name = "PAGE", value_delimiter = ',', num_args = 0..)]
     revoke_at: Option<Vec<usize>>,
 
-    /// Worker tasks fetching pages at the same time
-    #[arg(long, env = "WORKERS", default_value_t = JobConfig::default().concurrency,
+    /// Worker tasks fetching pages at the same time (in each process, in a fleet)
+    #[arg(long, env = "CONCURRENCY", default_value_t = JobConfig::default().concurrency,
           value_parser = at_least_one)]
     concurrency: usize,
 
@@ -105,7 +121,29 @@ struct Args {
           default_value_t = JobConfig::default().max_retry_after.as_secs_f64())]
     max_retry_after: f64,
 
+    /// Worker processes sharing one token through Redis, at least 2 (the fleet mode; feature
+    /// `redis`)
+    #[arg(long, value_name = "N", value_parser = at_least_two, help_heading = "Fleet")]
+    workers: Option<usize>,
+
+    /// The Redis the fleet shares its token through, such as redis://127.0.0.1:6379/ (a
+    /// password in it is not shown)
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        help_heading = "Fleet"
+    )]
+    redis: Option<String>,
+
+    /// A worker of a fleet: fetch pages index, index + count, ... of the real-platform options
+    /// and print JSON lines on stdout (what the fleet's parent process passes)
+    #[arg(long, value_name = "INDEX/COUNT", hide = true)]
+    shard: Option<Shard>,
+
     /// A real API instead of the embedded one; {page} is replaced by the page number, from 1
+    /// ({page0}: from 0)
     #[arg(long, env = "API_URL", help_heading = "Real platform")]
     api_url: Option<String>,
 
@@ -161,6 +199,16 @@ fn seconds(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(seconds),
         _ => Err(format!("`{value}` is not a number of seconds")),
+    }
+}
+
+fn at_least_two(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err(format!(
+            "`{value}` is not a whole number of at least 2 (without --workers, the job runs in \
+             this process)"
+        )),
     }
 }
 
@@ -225,6 +273,23 @@ impl Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    #[cfg(feature = "redis")]
+    {
+        if let Some(shard) = args.shard {
+            return fleet::run_worker(&args, shard).await;
+        }
+        if let Some(workers) = args.workers {
+            return fleet::run_fleet(&args, workers).await;
+        }
+    }
+    #[cfg(not(feature = "redis"))]
+    if args.workers.is_some() || args.shard.is_some() {
+        eprintln!(
+            "error: the fleet mode needs `--features redis`, as in\n  \
+             cargo run --example batch --features redis -- --workers 4 --redis redis://127.0.0.1:6379/"
+        );
+        return ExitCode::FAILURE;
+    }
     match run(&args).await {
         Ok(report) => {
             print_report(&report);
