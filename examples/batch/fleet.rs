@@ -871,12 +871,7 @@ fn print_report(report: &FleetReport) {
         }
     );
     println!();
-    let width = rows.iter().map(|(_, n, _)| n.len()).max().unwrap_or(0);
-    println!("  {:<18} {:>width$}  detail", "", "count");
-    println!("  {:-<18} {:->width$}  {:-<40}", "", "", "");
-    for (what, count, detail) in rows {
-        println!("  {what:<18} {count:>width$}  {detail}");
-    }
+    crate::print_table(rows);
     for (index, failure) in &report.failed_workers {
         println!("  worker {index}/{}: {failure}", report.workers);
     }

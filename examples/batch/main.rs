@@ -493,6 +493,11 @@ fn print_report(report: &Report) {
     println!("api             {}", report.api);
     println!("token endpoint  {}", report.token_endpoint);
     println!();
+    print_table(rows);
+}
+
+/// The report's table: what, how many, and a word on it.
+fn print_table(rows: Vec<(&str, String, String)>) {
     let width = rows.iter().map(|(_, n, _)| n.len()).max().unwrap_or(0);
     println!("  {:<18} {:>width$}  detail", "", "count");
     println!("  {:-<18} {:->width$}  {:-<40}", "", "", "");
