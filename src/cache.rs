@@ -500,8 +500,9 @@ impl TokenCache {
         shared.refreshing.store(true, Ordering::Relaxed);
         let requested_at = Instant::now();
         let timeout = shared.config.refresh_timeout;
+        let skew = shared.config.refresh_skew;
         let request = match state.rejected.take() {
-            Some(rejected) => RefreshRequest::new(Some(rejected), true),
+            Some(rejected) => RefreshRequest::new(Some(rejected), true, skew),
             None => RefreshRequest::new(
                 shared
                     .current
@@ -509,6 +510,7 @@ impl TokenCache {
                     .as_deref()
                     .map(|entry| entry.token.clone()),
                 false,
+                skew,
             ),
         };
         let fetch = std::panic::catch_unwind(AssertUnwindSafe(|| {

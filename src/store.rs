@@ -10,12 +10,14 @@
 //! The cache keeps its guarantees whatever the store does: one store call at a time per cache,
 //! bounded by the refresh timeout, with backoff after failures.
 
+use std::cmp;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -63,13 +65,17 @@ pub trait TokenStore: Send + Sync + 'static {
 pub struct RefreshRequest {
     replacing: Option<Token>,
     rejected: bool,
+    /// The cache's clock-skew buffer: a token closer to its expiry than this (or than a quarter
+    /// of its life) would be stale on arrival.
+    refresh_skew: Duration,
 }
 
 impl RefreshRequest {
-    pub(crate) fn new(replacing: Option<Token>, rejected: bool) -> Self {
+    pub(crate) fn new(replacing: Option<Token>, rejected: bool, refresh_skew: Duration) -> Self {
         Self {
             replacing,
             rejected,
+            refresh_skew,
         }
     }
 
@@ -85,13 +91,22 @@ impl RefreshRequest {
         self.rejected
     }
 
-    /// Whether `candidate` may replace the token being replaced: a different token, still alive
-    /// at `now`, and newer. Newer means issued later when both issue times are known (a token
-    /// older than one the API refused has most likely expired too), else expiring later when
-    /// both expiries are known.
+    /// Whether `candidate` may replace the token being replaced: a different token, not yet in
+    /// the cache's clock-skew buffer at `now` (it would be stale on arrival), and newer. Newer
+    /// means issued later when both issue times are known (a token older than one the API
+    /// refused has most likely expired too), else expiring later when both expiries are known.
     pub fn accepts(&self, candidate: &Token, now: Instant) -> bool {
-        if candidate.expires_at().is_some_and(|at| at <= now) {
-            return false;
+        if let Some(expires_at) = candidate.expires_at() {
+            // The same buffer the cache applies: the skew, at most a quarter of the lifetime.
+            let margin = candidate.issued_at().map_or(Duration::ZERO, |issued| {
+                cmp::min(
+                    self.refresh_skew,
+                    expires_at.saturating_duration_since(issued) / 4,
+                )
+            });
+            if expires_at.saturating_duration_since(now) <= margin {
+                return false;
+            }
         }
         let Some(old) = &self.replacing else {
             return true;
@@ -163,17 +178,18 @@ impl TokenStore for LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    const SKEW: Duration = Duration::from_secs(60);
 
     #[test]
     fn accepts_only_a_different_living_newer_token() {
         let now = Instant::now();
         let issued = |secret: &str, at: Instant| Token::new(secret).with_issued_at(at);
         let old = issued("old", now);
-        let rejected = RefreshRequest::new(Some(old.clone()), true);
+        let rejected = RefreshRequest::new(Some(old.clone()), true, SKEW);
         let later = now + Duration::from_millis(5);
 
-        assert!(RefreshRequest::new(None, false).accepts(&old, now));
+        assert!(RefreshRequest::new(None, false, SKEW).accepts(&old, now));
         assert!(!rejected.accepts(&old, now), "the same token");
         assert!(rejected.accepts(&issued("new", later), now));
         assert!(
@@ -181,16 +197,41 @@ mod tests {
             "not issued later"
         );
         let expired = Token::new("gone").with_expires_at(now);
-        assert!(!RefreshRequest::new(None, false).accepts(&expired, now));
+        assert!(!RefreshRequest::new(None, false, SKEW).accepts(&expired, now));
 
         // Without issue times, a later expiry decides; without either, any other token.
         let expiring = Token::new("a").with_expires_at(later);
-        let request = RefreshRequest::new(Some(expiring), false);
+        let request = RefreshRequest::new(Some(expiring), false, SKEW);
         assert!(request.accepts(
             &Token::new("b").with_expires_at(later + Duration::from_secs(1)),
             now
         ));
         assert!(!request.accepts(&Token::new("c").with_expires_at(later), now));
         assert!(request.accepts(&Token::new("d"), now));
+    }
+
+    #[test]
+    fn refuses_a_token_that_would_be_stale_on_arrival() {
+        let now = Instant::now();
+        let request = RefreshRequest::new(None, false, SKEW);
+        // A one-hour token: stale in its last 60 s (the skew).
+        let hour = Duration::from_secs(3600);
+        let at_age = |age: Duration| {
+            Token::new("t")
+                .with_issued_at(now - age)
+                .with_expires_at(now - age + hour)
+        };
+        assert!(request.accepts(&at_age(hour - Duration::from_secs(61)), now));
+        assert!(!request.accepts(&at_age(hour - Duration::from_secs(59)), now));
+        // A one-second token: stale in its last quarter.
+        let second = Duration::from_secs(1);
+        let short = |age_ms: u64| {
+            let issued = now - Duration::from_millis(age_ms);
+            Token::new("s")
+                .with_issued_at(issued)
+                .with_expires_at(issued + second)
+        };
+        assert!(request.accepts(&short(700), now));
+        assert!(!request.accepts(&short(800), now));
     }
 }
