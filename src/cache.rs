@@ -170,7 +170,7 @@ impl Entry {
             None => (None, None),
             Some(expires_at) if expires_at <= now => {
                 return Err(AuthError::refresh(
-                    "the token provider returned a token that has already expired",
+                    "the new token (from the provider or the token store) has already expired",
                 ))
             }
             Some(expires_at) => {
