@@ -32,6 +32,9 @@
 //!   waiting requests, then a backoff; an expired token is never sent.
 //! - **No leaks**: the header value is marked sensitive, and [`Token`] and every error redact
 //!   secrets in `Debug` and `Display`.
+//! - **One token for a fleet** (feature `redis`): processes whose caches share a
+//!   `redis_store::RedisStore` make one token request per refresh between them, and keep
+//!   working, each with its own token, while Redis is down. See [`store`].
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]

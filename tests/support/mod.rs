@@ -649,12 +649,33 @@ impl Captured {
 }
 
 /// Capture every event and span at TRACE level on this thread until the guard is dropped.
-pub fn capture_traces() -> (Captured, tracing::subscriber::DefaultGuard) {
+///
+/// `tracing` caches each callsite's interest process-wide, computed when the callsite is first
+/// hit. With one dispatcher registered, that is computed from the hitting thread's own
+/// subscriber: a parallel test with none would cache "never" and blind this capture to the
+/// crate's events. A second, inert dispatcher kept alive with the guard makes the cache ask
+/// every live dispatcher instead (tracing-core's `Rebuilder::All`), this capture included.
+pub fn capture_traces() -> (Captured, TraceGuard) {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
         .with_ansi(false)
         .with_writer(captured.clone())
         .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+    let anchor = tracing::Dispatch::new(tracing_subscriber::registry());
+    let default = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    (
+        captured,
+        TraceGuard {
+            _default: default,
+            _anchor: anchor,
+        },
+    )
+}
+
+/// Keeps a [`capture_traces`] capture installed.
+pub struct TraceGuard {
+    _default: tracing::subscriber::DefaultGuard,
+    _anchor: tracing::Dispatch,
 }
