@@ -384,8 +384,9 @@ async fn a_fleet_of_8_processes_makes_one_token_request_per_expiry() {
          expiries, {adopted} tokens taken from Redis",
         api.served()
     );
-    // Ten seconds of one-second tokens: about ten expiries, each noticed by a 401 at once.
-    assert!((8..=11).contains(&expiries), "{expiries} expiries in 10 s");
+    // Ten seconds of one-second tokens: about ten expiries, each noticed by a 401 at once (a
+    // loaded machine stretches each cycle by the time a refresh takes, hence the wide bound).
+    assert!((5..=11).contains(&expiries), "{expiries} expiries in 10 s");
     assert_eq!(published, token_requests as u64);
     assert!(adopted >= PROCESSES as u64 - 1, "{adopted} tokens adopted");
 }
