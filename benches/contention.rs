@@ -34,76 +34,25 @@
 
 mod common;
 
-use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use criterion::measurement::WallTime;
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion};
 use criterion::{SamplingMode, Throughput};
-use http::{Request, Response};
-use http_body_util::Empty;
-use tokio::runtime::Runtime;
-use tower::{Layer, Service};
+use tower::Layer;
 use tower_auth_refresh::{AuthLayer, StaticToken, Token};
 use tower_http::auth::AddAuthorizationLayer;
 
-use common::{get_request, send, HandToken, MutexAuthLayer, Ok200, SECRET};
+use common::{
+    bench_contended, get_request, multi_thread_runtime, send, HandToken, MutexAuthLayer, Ok200,
+    CONTENDED_REQUESTS, SECRET, TASK_COUNTS,
+};
 
-/// Requests per iteration: as in `hot_path`'s `contention` group, divisible by every task count
-/// and long enough (milliseconds) that spawning and joining the tasks do not dominate.
-const CONTENDED_REQUESTS: u64 = 16_384;
-const TASK_COUNTS: [u64; 4] = [1, 2, 8, 64];
 const LIFETIME: Duration = Duration::from_secs(3600);
 
-/// `tasks` tasks share `CONTENDED_REQUESTS` requests per iteration, each through its own clone
-/// of `service`.
-fn bench_contended<S>(
-    group: &mut BenchmarkGroup<'_, WallTime>,
-    runtime: &Runtime,
-    name: &str,
-    tasks: u64,
-    service: &S,
-) where
-    S: Service<Request<Empty<Bytes>>, Response = Response<Empty<Bytes>>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Debug,
-{
-    let per_task = CONTENDED_REQUESTS / tasks;
-    group.bench_with_input(BenchmarkId::new(name, tasks), &tasks, |b, &tasks| {
-        b.to_async(runtime).iter_custom(|iters| {
-            let service = service.clone();
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let handles: Vec<_> = (0..tasks)
-                        .map(|_| {
-                            let mut service = service.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..per_task {
-                                    send(&mut service, get_request()).await;
-                                }
-                            })
-                        })
-                        .collect();
-                    for handle in handles {
-                        handle.await.expect("a request task panicked");
-                    }
-                }
-                start.elapsed()
-            }
-        });
-    });
-}
-
 fn contention_mutex(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = multi_thread_runtime();
 
     let floor = AddAuthorizationLayer::bearer(SECRET)
         .as_sensitive(true)

@@ -27,86 +27,29 @@
 //! About two minutes on 2 cores; `cargo bench --bench hot_path -- --quick` gives rough figures in
 //! a few seconds.
 
-use std::convert::Infallible;
 use std::fmt::Debug;
-use std::future::Future;
-use std::hint::black_box;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::measurement::WallTime;
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use criterion::{SamplingMode, Throughput};
-use http::{header, HeaderValue, Method, Request, Response, Uri};
+use http::{header, HeaderValue, Method, Request, Response};
 use http_body::Body;
 use http_body_util::{Empty, Full};
 use tokio::runtime::Runtime;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 use tower_auth_refresh::{AuthLayer, StaticToken, Token};
 use tower_http::auth::AddAuthorizationLayer;
 
-const SECRET: &str = "eyJhbGciOiJSUzI1NiJ9.bench-access-token.signature";
-const URI: &str = "http://api.example.com/v1/items";
+mod common;
+
+use common::{
+    bench_contended, get_request, multi_thread_runtime, request, send, Ok200, CONTENDED_REQUESTS,
+    SECRET, TASK_COUNTS,
+};
+
 const POST_BODY_LEN: usize = 1024;
-/// Requests per iteration in the `contention` group: divisible by every task count, and enough
-/// (several milliseconds) that waking the worker threads and joining the tasks do not dominate:
-/// with 1,024 the figures mostly measured how fast an idle worker picks up a spawned task.
-const CONTENDED_REQUESTS: u64 = 16_384;
-const TASK_COUNTS: [u64; 4] = [1, 2, 8, 64];
-
-/// The inner service: reads the body to its end, then answers `200` with an empty body.
-///
-/// Hand-written rather than `service_fn` so that one `Clone` type serves every request body
-/// type (`B` for `bare` and `add_authorization`, `ReplayBody<B>` under `AuthLayer`), and its
-/// future is a plain struct: no boxing that would blur the comparison.
-#[derive(Clone, Copy, Debug, Default)]
-struct Ok200;
-
-impl<B: Body + Unpin> Service<Request<B>> for Ok200 {
-    type Response = Response<Empty<Bytes>>;
-    type Error = Infallible;
-    type Future = DrainBody<B>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        DrainBody {
-            body: request.into_body(),
-        }
-    }
-}
-
-/// Polls the request body until it says it has ended, as hyper does when it sends one. With
-/// `Empty` and `Full` bodies this completes on the first poll: the inner service is immediate.
-struct DrainBody<B> {
-    body: B,
-}
-
-impl<B: Body + Unpin> Future for DrainBody<B> {
-    type Output = Result<Response<Empty<Bytes>>, Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        while !self.body.is_end_stream() {
-            match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Ready(Some(frame)) => drop(black_box(frame)),
-                Poll::Ready(None) => break,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(Ok(Response::new(Empty::new())))
-    }
-}
-
-/// A GET with the headers a typical API client sends. `AuthLayer` copies the headers for a
-/// possible replay, so an empty header map would flatter it.
-fn get_request() -> Request<Empty<Bytes>> {
-    request(Method::GET, Empty::new())
-}
-
 /// A POST of `body` (1 KiB). Cloning `body` is a reference count, as for a caller that hands
 /// the same buffer to the client.
 fn post_request(body: &Bytes) -> Request<Full<Bytes>> {
@@ -116,32 +59,6 @@ fn post_request(body: &Bytes) -> Request<Full<Bytes>> {
         HeaderValue::from_static("application/json"),
     );
     request
-}
-
-fn request<B>(method: Method, body: B) -> Request<B> {
-    let mut request = Request::new(body);
-    *request.method_mut() = method;
-    *request.uri_mut() = Uri::from_static(URI);
-    let headers = request.headers_mut();
-    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-    headers.insert(header::USER_AGENT, HeaderValue::from_static("bench/1.0"));
-    request
-}
-
-/// One request: the same code, monomorphised, for every variant.
-async fn send<S, B>(service: &mut S, request: Request<B>)
-where
-    S: Service<Request<B>, Response = Response<Empty<Bytes>>>,
-    S::Error: Debug,
-{
-    let response = service
-        .ready()
-        .await
-        .expect("the service is always ready")
-        .call(request)
-        .await
-        .expect("the inner service never fails");
-    black_box(response);
 }
 
 fn auth_layer() -> AuthLayer {
@@ -250,53 +167,8 @@ fn hot_path(c: &mut Criterion) {
     group.finish();
 }
 
-/// `tasks` tasks share `CONTENDED_REQUESTS` requests per iteration, each through its own clone
-/// of `service`. Spawning, cloning and joining are timed too; they cost the same for both
-/// variants and are small next to `CONTENDED_REQUESTS` requests.
-fn bench_contended<S>(
-    group: &mut BenchmarkGroup<'_, WallTime>,
-    runtime: &Runtime,
-    name: &str,
-    tasks: u64,
-    service: &S,
-) where
-    S: Service<Request<Empty<Bytes>>, Response = Response<Empty<Bytes>>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Debug,
-{
-    let per_task = CONTENDED_REQUESTS / tasks;
-    group.bench_with_input(BenchmarkId::new(name, tasks), &tasks, |b, &tasks| {
-        b.to_async(runtime).iter_custom(|iters| {
-            let service = service.clone();
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let handles: Vec<_> = (0..tasks)
-                        .map(|_| {
-                            let mut service = service.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..per_task {
-                                    send(&mut service, get_request()).await;
-                                }
-                            })
-                        })
-                        .collect();
-                    for handle in handles {
-                        handle.await.expect("a request task panicked");
-                    }
-                }
-                start.elapsed()
-            }
-        });
-    });
-}
-
 fn contention(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = multi_thread_runtime();
 
     let baseline = add_authorization().layer(Ok200);
     let layer = auth_layer();

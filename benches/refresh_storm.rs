@@ -56,7 +56,9 @@ use tower::{Layer, Service};
 use tower_auth_refresh::{provider_fn, AuthLayer, AuthService, Token};
 use tower_http::auth::{AddAuthorization, AddAuthorizationLayer};
 
-use common::{get_request, send, HandToken, MutexAuth, MutexAuthLayer, Ok200, SECRET};
+use common::{
+    get_request, multi_thread_runtime, send, HandToken, MutexAuth, MutexAuthLayer, Ok200, SECRET,
+};
 
 /// Requests in one storm.
 const STORM: usize = 10_000;
@@ -199,11 +201,7 @@ where
 }
 
 fn refresh_storm(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = multi_thread_runtime();
 
     let mut group = c.benchmark_group("refresh_storm");
     // An iteration takes milliseconds, and more than that in untimed setup.

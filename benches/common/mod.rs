@@ -1,6 +1,6 @@
-//! Shared by the `contention` and `refresh_storm` benches: the in-process inner service, the
-//! request they send, and the baseline both compare `AuthLayer` against, a hand-written layer
-//! that keeps the token behind a `tokio::sync::Mutex`.
+//! Shared by the benches: the in-process inner service, the requests they send, the contended
+//! loop of the `contention` groups, and the baseline `AuthLayer` is compared against under
+//! contention, a hand-written layer that keeps the token behind a `tokio::sync::Mutex`.
 //!
 //! Not a bench target itself (Cargo only discovers `benches/*.rs` and `benches/*/main.rs`).
 #![allow(dead_code)]
@@ -16,19 +16,24 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId};
 use http::header::{self, AUTHORIZATION};
 use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::Empty;
+use tokio::runtime::Runtime;
 use tokio::sync::Mutex;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 pub const SECRET: &str = "eyJhbGciOiJSUzI1NiJ9.bench-access-token.signature";
 pub const URI: &str = "http://api.example.com/v1/items";
 
-/// The inner service: reads the body to its end, then answers `200` with an empty body. The
-/// same as `benches/hot_path.rs`: one `Clone` type for every request body type, and a plain
-/// struct future, so no boxing blurs the comparison.
+/// The inner service: reads the body to its end, then answers `200` with an empty body.
+///
+/// Hand-written rather than `service_fn` so that one `Clone` type serves every request body
+/// type (`B` for `bare` and `add_authorization`, `ReplayBody<B>` under `AuthLayer`), and its
+/// future is a plain struct: no boxing that would blur the comparison.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Ok200;
 
@@ -48,7 +53,8 @@ impl<B: Body + Unpin> Service<Request<B>> for Ok200 {
     }
 }
 
-/// Polls the request body until it says it has ended, as hyper does when it sends one.
+/// Polls the request body until it says it has ended, as hyper does when it sends one. With
+/// `Empty` and `Full` bodies this completes on the first poll: the inner service is immediate.
 pub struct DrainBody<B> {
     body: B,
 }
@@ -68,10 +74,16 @@ impl<B: Body + Unpin> Future for DrainBody<B> {
     }
 }
 
-/// A GET with the headers a typical API client sends (as in `benches/hot_path.rs`).
+/// A GET with the headers a typical API client sends. `AuthLayer` copies the headers for a
+/// possible replay, so an empty header map would flatter it.
 pub fn get_request() -> Request<Empty<Bytes>> {
-    let mut request = Request::new(Empty::new());
-    *request.method_mut() = Method::GET;
+    request(Method::GET, Empty::new())
+}
+
+/// A request of `method` with `body` and the headers of [`get_request`].
+pub fn request<B>(method: Method, body: B) -> Request<B> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
     *request.uri_mut() = Uri::from_static(URI);
     let headers = request.headers_mut();
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
@@ -93,6 +105,62 @@ where
         .await
         .expect("the inner service never fails");
     black_box(response);
+}
+
+/// Requests per iteration in the `contention` groups: divisible by every task count, and enough
+/// (several milliseconds) that waking the worker threads and joining the tasks do not dominate:
+/// with 1,024 the figures mostly measured how fast an idle worker picks up a spawned task.
+pub const CONTENDED_REQUESTS: u64 = 16_384;
+pub const TASK_COUNTS: [u64; 4] = [1, 2, 8, 64];
+
+/// The runtime of the contended groups: two workers, one per core of the project's machine.
+pub fn multi_thread_runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// `tasks` tasks share `CONTENDED_REQUESTS` requests per iteration, each through its own clone
+/// of `service`. Spawning, cloning and joining are timed too; they cost the same for every
+/// variant and are small next to `CONTENDED_REQUESTS` requests.
+pub fn bench_contended<S>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &Runtime,
+    name: &str,
+    tasks: u64,
+    service: &S,
+) where
+    S: Service<Request<Empty<Bytes>>, Response = Response<Empty<Bytes>>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Debug,
+{
+    let per_task = CONTENDED_REQUESTS / tasks;
+    group.bench_with_input(BenchmarkId::new(name, tasks), &tasks, |b, &tasks| {
+        b.to_async(runtime).iter_custom(|iters| {
+            let service = service.clone();
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let handles: Vec<_> = (0..tasks)
+                        .map(|_| {
+                            let mut service = service.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..per_task {
+                                    send(&mut service, get_request()).await;
+                                }
+                            })
+                        })
+                        .collect();
+                    for handle in handles {
+                        handle.await.expect("a request task panicked");
+                    }
+                }
+                start.elapsed()
+            }
+        });
+    });
 }
 
 /// The token as the hand-written fix keeps it: the secret and when the identity provider said
