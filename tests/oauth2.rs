@@ -4,7 +4,7 @@
 //! cache, discovery, URL policy, redaction, and a batch through `AuthLayer`.
 //!
 //! Tests that involve the cache's clock run on tokio's paused clock with a
-//! [`token_server::manual_clock`]: time moves only on `advance`, which makes their counts exact.
+//! [`support::manual_clock`]: time moves only on `advance`, which makes their counts exact.
 //! The others run on the real clock and assert nothing about time but generous bounds.
 
 mod support;
@@ -26,9 +26,10 @@ use tower_auth_refresh::oauth2::{
 };
 use tower_auth_refresh::{AuthError, AuthLayer, ErrorCode, ReplayBody, TokenCache, TokenProvider};
 
+use support::manual_clock;
 use token_server::{
-    base64, basic_header, form_encode, manual_clock, raw_request, until, AuthUsed, Fault, Metadata,
-    TokenServer, BASIC_ID, BASIC_SECRET, POST_ID, POST_SECRET, PUBLIC_ID,
+    base64, basic_header, form_encode, raw_request, until, AuthUsed, Fault, Metadata, TokenServer,
+    BASIC_ID, BASIC_SECRET, POST_ID, POST_SECRET, PUBLIC_ID,
 };
 
 const FORM: &str = "application/x-www-form-urlencoded";

@@ -1016,24 +1016,6 @@ pub fn basic_header(id: &str, secret: &str) -> String {
     )
 }
 
-/// Freezes tokio's paused clock until dropped: time moves only on `tokio::time::advance`.
-///
-/// With `start_paused`, tokio jumps the clock to the next timer whenever the runtime parks,
-/// even while a loopback read is in flight, so a refresh timeout could fire while an answer is
-/// on its way. A running blocking task inhibits that jump; this guard keeps one running. (The
-/// idea of `tests/support/mod.rs`.)
-pub struct ManualClock {
-    _release: std::sync::mpsc::Sender<()>,
-}
-
-pub fn manual_clock() -> ManualClock {
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    tokio::task::spawn_blocking(move || {
-        let _ = released.recv();
-    });
-    ManualClock { _release: release }
-}
-
 /// Yield until `condition` holds, without moving tokio's clock: loopback IO makes progress.
 /// Gives up after a generous real-time bound.
 pub async fn until(what: &str, mut condition: impl FnMut() -> bool) {
