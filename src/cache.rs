@@ -26,8 +26,8 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -38,7 +38,7 @@ use tracing::Instrument;
 
 use crate::error::AuthError;
 use crate::provider::TokenProvider;
-use crate::store::{FetchToken, LocalStore, RefreshRequest, TokenStore};
+use crate::store::{FetchToken, LocalStore, RefreshRequest, StoreFuture, TokenStore};
 use crate::Token;
 
 /// Default clock-skew buffer: a token counts as expired this long before its expiry.
@@ -47,6 +47,10 @@ pub const DEFAULT_REFRESH_SKEW: Duration = Duration::from_secs(60);
 pub const DEFAULT_ADVISORY_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// Default bound on one call to the token provider.
 pub const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cooldown after a refresh caused by a 401: a 401 for the token it produced, within this
+/// long, is not an expiry (wrong scope, a revoked grant, a misconfigured route) and triggers no
+/// further refresh.
+pub const DEFAULT_REJECTION_COOLDOWN: Duration = Duration::from_secs(5);
 /// Default wait after the first failed refresh.
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// Default longest wait between failed refreshes.
@@ -100,6 +104,7 @@ struct CacheConfig {
     refresh_timeout: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    rejection_cooldown: Duration,
     scheme: String,
 }
 
@@ -120,7 +125,8 @@ struct CacheShared {
 
 #[derive(Default)]
 struct RefreshState {
-    in_flight: Option<RefreshFuture>,
+    /// The running refresh and the generation its token will have.
+    in_flight: Option<(u64, RefreshFuture)>,
     /// After a failure: no provider call before this instant.
     retry_at: Option<Instant>,
     next_backoff: Duration,
@@ -139,6 +145,13 @@ pub(crate) struct Entry {
     generation: u64,
     /// When the request that produced the token was sent.
     requested_at: Instant,
+    /// When the token expires: it is never sent from then on.
+    expires_at: Option<Instant>,
+    /// Fetched because the API rejected the token before it.
+    after_rejection: bool,
+    /// A request rejected with the previous token went through when replayed with this one:
+    /// refreshing on a 401 helps, so the rejection cooldown does not apply to it.
+    replay_accepted: AtomicBool,
     /// From here on, one background refresh is due.
     advisory_at: Option<Instant>,
     /// From here on, the token is not sent any more: requests wait for a new one.
@@ -158,6 +171,7 @@ impl Entry {
         requested_at: Instant,
         now: Instant,
         generation: u64,
+        after_rejection: bool,
         config: &CacheConfig,
     ) -> Result<Self, AuthError> {
         let header = header_value(&config.scheme, token.secret())?;
@@ -166,7 +180,8 @@ impl Entry {
             .issued_at()
             .filter(|issued| *issued <= requested_at + MAX_ISSUE_CLOCK_DRIFT)
             .unwrap_or(requested_at);
-        let (advisory_at, stale_at) = match token.expires_at_from(requested_at) {
+        let expires_at = token.expires_at_from(requested_at);
+        let (advisory_at, stale_at) = match expires_at {
             None => (None, None),
             Some(expires_at) if expires_at <= now => {
                 return Err(AuthError::refresh(
@@ -190,9 +205,18 @@ impl Entry {
             header,
             generation,
             requested_at,
+            expires_at,
+            after_rejection,
+            replay_accepted: AtomicBool::new(false),
             advisory_at,
             stale_at,
         })
+    }
+
+    /// Whether the token may still be sent at `now` at all: before its expiry. Inside the skew
+    /// buffer it is sent only when no newer token can be had (the refresh failed or backs off).
+    fn is_unexpired(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|expires_at| now < expires_at)
     }
 
     fn freshness(&self, now: Instant) -> Freshness {
@@ -228,16 +252,38 @@ pub(crate) enum Acquire {
 /// Waits for the in-flight refresh. Dropping it does not cancel the refresh.
 pub(crate) struct RefreshWait {
     refresh: RefreshFuture,
+    cache: Arc<CacheShared>,
 }
 
 impl Future for RefreshWait {
     type Output = Result<Credential, AuthError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.refresh
-            .poll_unpin(cx)
-            .map(|outcome| outcome.map(|entry| entry.credential()))
+        match ready!(self.refresh.poll_unpin(cx)) {
+            Ok(entry) => Poll::Ready(Ok(entry.credential())),
+            // A failed refresh never displaces a token that has not expired yet: it is sent
+            // until it does, whatever the refresh did.
+            Err(error) => Poll::Ready(
+                self.cache
+                    .still_usable(Instant::now())
+                    .map(|entry| entry.credential())
+                    .ok_or(error),
+            ),
+        }
     }
+}
+
+/// What [`TokenCache::invalidate`] made of a 401.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    /// The rejected token was the current one and is gone: the next request refreshes.
+    Invalidated,
+    /// The rejected token had been replaced already: replay with the current one, no refresh.
+    AlreadyReplaced,
+    /// The rejected token was itself fetched because of a 401 less than the cooldown ago, and
+    /// no replay with it has gone through: the API refuses fresh tokens too, so this is not an
+    /// expiry. The token stays; nothing is refreshed or replayed.
+    Repeated,
 }
 
 impl fmt::Debug for RefreshWait {
@@ -267,6 +313,7 @@ struct Counters {
     refresh_failures: AtomicU64,
     invalidations: AtomicU64,
     stale_rejections: AtomicU64,
+    repeated_rejections: AtomicU64,
     replays: AtomicU64,
 }
 
@@ -282,6 +329,10 @@ pub struct CacheStats {
     pub invalidations: u64,
     /// 401s for a token that had already been replaced: absorbed without a new token request.
     pub stale_rejections: u64,
+    /// 401s for a token that was itself fetched because of a 401 less than the
+    /// [rejection cooldown](TokenCacheBuilder::rejection_cooldown) before: the API refuses fresh
+    /// tokens too, so the response went back unchanged, with no refresh and no replay.
+    pub repeated_rejections: u64,
     /// Requests replayed with a new token after a 401.
     pub replays: u64,
     /// The generation of the current token (1 for the first); `None` when there is none.
@@ -309,6 +360,7 @@ impl TokenCache {
                 refresh_timeout: DEFAULT_REFRESH_TIMEOUT,
                 backoff_initial: DEFAULT_BACKOFF_INITIAL,
                 backoff_max: DEFAULT_BACKOFF_MAX,
+                rejection_cooldown: DEFAULT_REJECTION_COOLDOWN,
                 scheme: DEFAULT_SCHEME.to_owned(),
             },
         }
@@ -343,6 +395,7 @@ impl TokenCache {
             refresh_failures: c.refresh_failures.load(Ordering::Relaxed),
             invalidations: c.invalidations.load(Ordering::Relaxed),
             stale_rejections: c.stale_rejections.load(Ordering::Relaxed),
+            repeated_rejections: c.repeated_rejections.load(Ordering::Relaxed),
             replays: c.replays.load(Ordering::Relaxed),
             generation: current.as_deref().map(|entry| entry.generation),
             token_age: current
@@ -392,25 +445,38 @@ impl TokenCache {
                 return Acquire::Ready(entry.credential());
             }
         }
-        if let Some(refresh) = &state.in_flight {
-            return Acquire::Wait(RefreshWait {
-                refresh: refresh.clone(),
-            });
+        if let Some((_, refresh)) = &state.in_flight {
+            return Acquire::Wait(self.wait(refresh.clone()));
         }
         if let Some(error) = backoff_error(&state, now) {
+            // Backing off, but the token has not expired yet: it is still good to send.
+            if let Some(entry) = self.shared.still_usable(now) {
+                return Acquire::Ready(entry.credential());
+            }
             tracing::debug!(retry_in = ?error.retry_after(), "no valid token; refresh backing off");
             return Acquire::Failed(error);
         }
         match self.start_refresh(&mut state) {
-            Ok(refresh) => Acquire::Wait(RefreshWait { refresh }),
+            Ok(refresh) => Acquire::Wait(self.wait(refresh)),
             Err(error) => Acquire::Failed(error),
+        }
+    }
+
+    fn wait(&self, refresh: RefreshFuture) -> RefreshWait {
+        RefreshWait {
+            refresh,
+            cache: self.shared.clone(),
         }
     }
 
     /// Advisory window: start one refresh nobody waits for. Never blocks a request.
     fn refresh_in_background(&self, generation: u64) {
-        let Ok(mut state) = self.shared.refresh.try_lock() else {
-            return; // someone else is on the slow path and will see to it
+        let mut state = match self.shared.refresh.try_lock() {
+            Ok(state) => state,
+            // The state is consistent at every unlock (see `lock_state`).
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // Someone else is on the slow path and will see to it.
+            Err(TryLockError::WouldBlock) => return,
         };
         let still_current = self
             .shared
@@ -432,10 +498,9 @@ impl TokenCache {
         let _ = self.start_refresh(&mut state);
     }
 
-    /// A 401 came back for the token of `generation`: forget it, unless it was replaced already.
-    ///
-    /// Returns whether the token was still the current one.
-    pub(crate) fn invalidate(&self, generation: u64) -> bool {
+    /// A 401 came back for the token of `generation`: forget it, unless it was replaced already
+    /// or the API is refusing fresh tokens too (see [`Rejection`]).
+    pub(crate) fn invalidate(&self, generation: u64) -> Rejection {
         let is_current = |current: &Option<Arc<Entry>>| {
             current
                 .as_deref()
@@ -451,6 +516,23 @@ impl TokenCache {
                 drop(state);
                 return self.absorb_stale_rejection(generation);
             }
+            let now = Instant::now();
+            if current.as_deref().is_some_and(|entry| {
+                entry.after_rejection
+                    && !entry.replay_accepted.load(Ordering::Relaxed)
+                    && now < entry.requested_at + self.shared.config.rejection_cooldown
+            }) {
+                drop(state);
+                self.shared
+                    .counters
+                    .repeated_rejections
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    generation,
+                    "token fetched after a 401 was rejected too; not an expiry, keeping it"
+                );
+                return Rejection::Repeated;
+            }
             let previous = self.shared.current.compare_and_swap(&*current, None);
             let swapped = match (previous.as_ref(), current.as_ref()) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -458,18 +540,23 @@ impl TokenCache {
             };
             if swapped {
                 state.rejected = current.as_deref().map(|entry| entry.token.clone());
+                // A 401 earns one immediate refresh attempt, even while an earlier failure
+                // (say a throttled background refresh) is backing off: the identity provider
+                // may have recovered, and without a token nothing can be sent. Further failures
+                // back off as before.
+                state.retry_at = None;
                 self.shared
                     .counters
                     .invalidations
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(generation, "token rejected by the API, invalidated");
-                return true;
+                return Rejection::Invalidated;
             }
         }
         self.absorb_stale_rejection(generation)
     }
 
-    fn absorb_stale_rejection(&self, generation: u64) -> bool {
+    fn absorb_stale_rejection(&self, generation: u64) -> Rejection {
         self.shared
             .counters
             .stale_rejections
@@ -478,7 +565,17 @@ impl TokenCache {
             generation,
             "rejection of an already replaced token absorbed"
         );
-        false
+        Rejection::AlreadyReplaced
+    }
+
+    /// The replay with the token of `generation` was accepted: refreshing after a 401 works
+    /// for this API, so a later 401 for that token is taken as an expiry at once.
+    pub(crate) fn replay_accepted(&self, generation: u64) {
+        if let Some(entry) = self.shared.current.load().as_deref() {
+            if entry.generation == generation {
+                entry.replay_accepted.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     pub(crate) fn record_replay(&self) {
@@ -486,21 +583,22 @@ impl TokenCache {
     }
 
     fn lock_state(&self) -> MutexGuard<'_, RefreshState> {
-        // The state stays consistent at every unlock, so a poisoned lock is safe to reuse.
-        self.shared
-            .refresh
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shared.lock_state()
     }
 
     /// Start the single refresh. The caller holds the state lock and checked that none runs.
     fn start_refresh(&self, state: &mut RefreshState) -> Result<RefreshFuture, AuthError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
         let shared = &self.shared;
+        let timeout = shared.config.refresh_timeout;
+        // Tokio panics when a timer is made on a runtime built without `enable_time`; find out
+        // here, as a typed error, before anything is started.
+        let deadline = std::panic::catch_unwind(|| Box::pin(tokio::time::sleep(timeout)))
+            .map_err(|_| AuthError::NoTimer)?;
         shared.refreshing.store(true, Ordering::Relaxed);
         let requested_at = Instant::now();
-        let timeout = shared.config.refresh_timeout;
         let skew = shared.config.refresh_skew;
+        let after_rejection = state.rejected.is_some();
         let request = match state.rejected.take() {
             Some(rejected) => RefreshRequest::new(Some(rejected), true, skew),
             None => RefreshRequest::new(
@@ -521,30 +619,101 @@ impl TokenCache {
         let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(generation, "token refresh started");
 
-        let refresh = async move {
+        let spawner = runtime.clone();
+        let fetch_and_install = async move {
             let outcome = match fetch {
-                Err(_) => Err(AuthError::ProviderPanicked),
-                Ok(fetch) => match AssertUnwindSafe(tokio::time::timeout(timeout, fetch))
-                    .catch_unwind()
-                    .await
-                {
-                    Ok(Ok(Ok(token))) => Ok(token),
-                    Ok(Ok(Err(error))) => Err(AuthError::refresh(error)),
-                    Ok(Err(_elapsed)) => Err(AuthError::RefreshTimeout { timeout }),
-                    Err(_panic) => Err(AuthError::ProviderPanicked),
-                },
+                Err(_panic) => Err(AuthError::ProviderPanicked),
+                Ok(fetch) => call_provider(&spawner, fetch, deadline, timeout).await,
             };
-            finish_refresh(weak, outcome, requested_at, generation)
-        }
-        .instrument(tracing::debug_span!("token_refresh", generation))
-        .boxed()
-        .shared();
+            finish_refresh(weak, outcome, requested_at, generation, after_rejection)
+        };
+        let cleanup = Arc::downgrade(shared);
+        let refresh = AssertUnwindSafe(fetch_and_install)
+            .catch_unwind()
+            .map(move |outcome| match outcome {
+                Ok(outcome) => outcome,
+                // A panic in here (a store, a tracing subscriber) must not leave a poisoned
+                // refresh behind for every later request to trip over.
+                Err(_panic) => {
+                    if let Some(shared) = cleanup.upgrade() {
+                        shared.abandon_refresh(generation);
+                    }
+                    Err(AuthError::ProviderPanicked)
+                }
+            })
+            .instrument(tracing::debug_span!("token_refresh", generation))
+            .boxed()
+            .shared();
 
-        state.in_flight = Some(refresh.clone());
+        state.in_flight = Some((generation, refresh.clone()));
         // The refresh runs on its own task: dropping the request that started it, or every
         // request that waits for it, does not cancel it.
         runtime.spawn(refresh.clone());
         Ok(refresh)
+    }
+}
+
+/// One provider call (through the store), bounded by the refresh timeout.
+///
+/// The call runs on a task of its own. When the timeout elapses, the waiting requests get
+/// [`AuthError::RefreshTimeout`], but the call is not dropped mid-way: it may finish for up to
+/// one more timeout, so that a token response already on its way is still read, and a rotated
+/// refresh token in it is kept by its grant. Its token is not used. A panicking provider is a
+/// typed error, not a panic in the caller.
+async fn call_provider(
+    runtime: &tokio::runtime::Handle,
+    fetch: StoreFuture,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+) -> Result<Token, AuthError> {
+    let grace = timeout.saturating_mul(2);
+    let call = runtime.spawn(async move { tokio::time::timeout(grace, fetch).await });
+    match futures::future::select(call, deadline).await {
+        futures::future::Either::Left((joined, _)) => match joined {
+            Ok(Ok(Ok(token))) => Ok(token),
+            Ok(Ok(Err(error))) => Err(AuthError::refresh(error)),
+            Ok(Err(_elapsed)) => Err(AuthError::RefreshTimeout { timeout }),
+            Err(join) if join.is_panic() => Err(AuthError::ProviderPanicked),
+            Err(_cancelled) => Err(AuthError::refresh(
+                "the token request was cancelled: the runtime is shutting down",
+            )),
+        },
+        // Dropping the join handle detaches the call; its own bound ends it.
+        futures::future::Either::Right(((), _detached)) => {
+            Err(AuthError::RefreshTimeout { timeout })
+        }
+    }
+}
+
+impl CacheShared {
+    fn lock_state(&self) -> MutexGuard<'_, RefreshState> {
+        // The state stays consistent at every unlock, so a poisoned lock is safe to reuse.
+        self.refresh.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current token if it has not expired, whatever its refresh windows say.
+    fn still_usable(&self, now: Instant) -> Option<Arc<Entry>> {
+        self.current
+            .load_full()
+            .filter(|entry| entry.is_unexpired(now))
+    }
+
+    /// Clear a refresh that panicked before it could finish, so the next request starts anew.
+    fn abandon_refresh(&self, generation: u64) {
+        let mut state = self.lock_state();
+        if state
+            .in_flight
+            .as_ref()
+            .is_some_and(|(running, _)| *running == generation)
+        {
+            state.in_flight = None;
+            state.retry_at = Instant::now().checked_add(self.config.backoff_initial);
+            state.last_error = Some(AuthError::ProviderPanicked);
+            self.counters
+                .refresh_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.refreshing.store(false, Ordering::Relaxed);
     }
 }
 
@@ -563,6 +732,7 @@ fn finish_refresh(
     outcome: Result<Token, AuthError>,
     requested_at: Instant,
     generation: u64,
+    after_rejection: bool,
 ) -> RefreshOutcome {
     let Some(shared) = cache.upgrade() else {
         // Every handle to the cache is gone: nobody can use the result.
@@ -570,14 +740,26 @@ fn finish_refresh(
     };
     let now = Instant::now();
     let result = outcome
-        .and_then(|token| Entry::new(token, requested_at, now, generation, &shared.config))
+        .and_then(|token| {
+            Entry::new(
+                token,
+                requested_at,
+                now,
+                generation,
+                after_rejection,
+                &shared.config,
+            )
+        })
         .map(Arc::new);
 
-    let cache = TokenCache {
-        shared: shared.clone(),
-    };
-    let mut state = cache.lock_state();
-    state.in_flight = None;
+    let mut state = shared.lock_state();
+    if state
+        .in_flight
+        .as_ref()
+        .is_some_and(|(running, _)| *running == generation)
+    {
+        state.in_flight = None;
+    }
     match &result {
         Ok(entry) => {
             shared.current.store(Some(entry.clone()));
@@ -684,6 +866,21 @@ impl TokenCacheBuilder {
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.config.backoff_initial = initial;
         self.config.backoff_max = cmp::max(initial, max);
+        self
+    }
+
+    /// After a refresh caused by a 401, a 401 for the new token within this long does not
+    /// refresh again, unless a request replayed with the new token went through: the response
+    /// goes back to the caller unchanged (counted in [`CacheStats::repeated_rejections`]).
+    ///
+    /// A fresh token that is refused at once was not expired: the API refuses this client for
+    /// another reason (scope, a revoked grant, a misconfigured route), and refreshing on every
+    /// such 401 would cost one token request per request and get the identity provider to
+    /// throttle everyone. So while refreshing has not been seen to help, rejection-driven
+    /// refreshes happen at most once per cooldown per cache. Refreshes before expiry are not
+    /// limited by it. Default: 5 seconds.
+    pub fn rejection_cooldown(mut self, cooldown: Duration) -> Self {
+        self.config.rejection_cooldown = cooldown;
         self
     }
 
@@ -801,10 +998,18 @@ mod tests {
     async fn invalidation_compares_generations() {
         let (cache, calls) = counting(None);
         cache.token().await.unwrap();
-        assert!(cache.invalidate(1));
-        assert!(!cache.invalidate(1), "second 401 for the same token");
+        assert_eq!(cache.invalidate(1), Rejection::Invalidated);
+        assert_eq!(
+            cache.invalidate(1),
+            Rejection::AlreadyReplaced,
+            "second 401 for the same token"
+        );
         cache.token().await.unwrap();
-        assert!(!cache.invalidate(1), "401 for an old token");
+        assert_eq!(
+            cache.invalidate(1),
+            Rejection::AlreadyReplaced,
+            "401 for an old token"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         let stats = cache.stats();
         assert_eq!((stats.invalidations, stats.stale_rejections), (1, 2));

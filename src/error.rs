@@ -61,6 +61,9 @@ pub enum AuthError {
     ProviderPanicked,
     /// A refresh was needed outside a Tokio runtime; the cache runs refreshes on Tokio tasks.
     NoRuntime,
+    /// A refresh was needed on a Tokio runtime built without its timer (`enable_time`); the
+    /// cache bounds every provider call with a timeout.
+    NoTimer,
     /// The token endpoint refused the request with an RFC 6749 error response.
     TokenEndpoint(TokenEndpointError),
     /// The token endpoint answered 429 or 503. The cache waits at least `retry_after` before the
@@ -250,6 +253,9 @@ impl fmt::Display for AuthError {
             AuthError::NoRuntime => f.write_str(
                 "token refresh needs a Tokio runtime, and none is running on this thread",
             ),
+            AuthError::NoTimer => f.write_str(
+                "token refresh needs the Tokio runtime's timer; build the runtime with `enable_time` (or `enable_all`)",
+            ),
             AuthError::TokenEndpoint(error) => fmt::Display::fmt(error, f),
             AuthError::Throttled { status, retry_after } => {
                 write!(f, "the token endpoint is rate limiting ({status})")?;
@@ -309,6 +315,7 @@ impl fmt::Debug for AuthError {
             AuthError::InvalidHeaderValue => f.write_str("InvalidHeaderValue"),
             AuthError::ProviderPanicked => f.write_str("ProviderPanicked"),
             AuthError::NoRuntime => f.write_str("NoRuntime"),
+            AuthError::NoTimer => f.write_str("NoTimer"),
             AuthError::TokenEndpoint(error) => f.debug_tuple("TokenEndpoint").field(error).finish(),
             AuthError::Throttled {
                 status,

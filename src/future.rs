@@ -12,7 +12,7 @@ use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::cache::{Acquire, RefreshWait};
+use crate::cache::{Acquire, RefreshWait, Rejection};
 use crate::error::AuthError;
 use crate::layer::AuthSettings;
 use crate::replay::{ReplayBody, ReplayRequest};
@@ -28,7 +28,7 @@ pin_project! {
         // The inner service, kept for the replay; it is polled ready again before it is called.
         service: Option<S>,
         replay: Option<ReplayRequest>,
-        // The token generation the first attempt was sent with.
+        // The token generation the current attempt was sent with.
         generation: u64,
         settings: Option<Arc<AuthSettings>>,
     }
@@ -165,7 +165,10 @@ where
                     if !(settings.rejected)(response.status(), response.headers()) {
                         return Poll::Ready(Ok(response));
                     }
-                    settings.cache.invalidate(*this.generation);
+                    if settings.cache.invalidate(*this.generation) == Rejection::Repeated {
+                        // Not an expiry: a new token would be refused too.
+                        return Poll::Ready(Ok(response));
+                    }
                     let replayable = this.service.is_some()
                         && this.replay.as_ref().is_some_and(|replay| replay.is_ready());
                     if !replayable {
@@ -178,15 +181,19 @@ where
                     // Free the connection of the rejected attempt before the replay.
                     drop(response);
                     match settings.cache.acquire() {
-                        Acquire::Ready(credential) => this.state.set(State::ReplayReady {
-                            credential: Some(credential.header),
-                        }),
+                        Acquire::Ready(credential) => {
+                            *this.generation = credential.generation;
+                            this.state.set(State::ReplayReady {
+                                credential: Some(credential.header),
+                            });
+                        }
                         Acquire::Wait(wait) => this.state.set(State::WaitReplayToken { wait }),
                         Acquire::Failed(error) => return Poll::Ready(Err(error.into())),
                     }
                 }
                 StateProj::WaitReplayToken { wait } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
+                    *this.generation = credential.generation;
                     this.state.set(State::ReplayReady {
                         credential: Some(credential.header),
                     });
@@ -212,7 +219,15 @@ where
                     let future = service.call(request);
                     this.state.set(State::Replay { future });
                 }
-                StateProj::Replay { future } => return future.poll(cx).map_err(Into::into),
+                StateProj::Replay { future } => {
+                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    if let Some(settings) = this.settings.as_ref() {
+                        if !(settings.rejected)(response.status(), response.headers()) {
+                            settings.cache.replay_accepted(*this.generation);
+                        }
+                    }
+                    return Poll::Ready(Ok(response));
+                }
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(match error.take() {
                         Some(error) => error.into(),

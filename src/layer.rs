@@ -271,6 +271,13 @@ impl AuthLayerBuilder<TokenCacheBuilder> {
         self
     }
 
+    /// After a refresh caused by a 401, do not refresh again for a 401 within this long: see
+    /// [`TokenCacheBuilder::rejection_cooldown`]. Default: 5 seconds.
+    pub fn rejection_cooldown(mut self, cooldown: Duration) -> Self {
+        self.cache = self.cache.rejection_cooldown(cooldown);
+        self
+    }
+
     /// See [`TokenCacheBuilder::scheme`]. Default: `Bearer`.
     pub fn scheme(mut self, scheme: impl Into<String>) -> Self {
         self.cache = self.cache.scheme(scheme);

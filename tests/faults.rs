@@ -4,13 +4,18 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Empty;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_auth_refresh::{AuthError, AuthLayer, TokenCache};
+use tower_auth_refresh::store::{FetchToken, RefreshRequest, StoreFuture};
+use tower_auth_refresh::{
+    provider_fn, AuthError, AuthLayer, StaticToken, Token, TokenCache, TokenStore,
+};
 
 use support::{body_string, client, http_provider, Api, IdentityProvider, IdpMode, TokenRegistry};
 
@@ -282,4 +287,172 @@ async fn services_and_layers_dropped_while_a_refresh_runs_leave_nothing_behind()
         .service(client());
     let response = service.oneshot(get(&api)).await.unwrap();
     assert_eq!(body_string(response).await, "token-3");
+}
+
+/// Issue 11, item 6: a runtime built without its timer is a typed error, not a panic that
+/// poisons the refresh; the same cache then works on a healthy runtime.
+#[test]
+fn a_runtime_without_timers_gets_a_typed_error_and_wedges_nothing() {
+    let cache = TokenCache::new(provider_fn(|| async {
+        Ok::<_, std::io::Error>(Token::new("fine").with_expires_in(HOUR))
+    }));
+    let no_timer = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let error = no_timer.block_on(cache.token()).unwrap_err();
+        assert!(matches!(error, AuthError::NoTimer), "{error:?}");
+    }
+    assert_eq!(cache.stats().token_requests, 0, "nothing was started");
+
+    let healthy = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    assert_eq!(healthy.block_on(cache.token()).unwrap().secret(), "fine");
+    assert_eq!(cache.stats().token_requests, 1);
+}
+
+/// A tracing layer that panics on the first warning it sees: a panic while the cache holds its
+/// refresh state lock (the "refresh failed" event is written under it), poisoning the lock.
+#[derive(Default)]
+struct PanicOnFirstWarning(AtomicBool);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PanicOnFirstWarning {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::WARN && !self.0.swap(true, Ordering::SeqCst)
+        {
+            panic!("a subscriber bug");
+        }
+    }
+}
+
+/// Issue 11, item 6: whatever panics during a refresh (here a tracing subscriber, while the
+/// state lock is held), the next request gets a token, and background refreshes still run.
+#[tokio::test(start_paused = true)]
+async fn a_panic_inside_the_refresh_wedges_neither_requests_nor_background_refreshes() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let _subscriber = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(PanicOnFirstWarning::default()),
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let cache = TokenCache::builder(provider_fn(move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if n == 1 {
+                return Err(std::io::Error::other("the identity provider failed"));
+            }
+            Ok(Token::new(format!("token-{n}")).with_expires_in(HOUR))
+        }
+    }))
+    .backoff(Duration::from_secs(1), Duration::from_secs(1))
+    .build();
+
+    // The provider fails, and reporting the failure panics with the state lock held.
+    let first = cache.token().await;
+    assert!(
+        matches!(first, Err(AuthError::ProviderPanicked)),
+        "{first:?}"
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(cache.token().await.unwrap().secret(), "token-2");
+
+    // 56 minutes on: the advisory window, with the lock poisoned by the panic above.
+    tokio::time::advance(Duration::from_secs(56 * 60)).await;
+    assert_eq!(cache.token().await.unwrap().secret(), "token-2");
+    support::until(|| calls.load(Ordering::SeqCst) == 3).await;
+    support::until(|| cache.stats().generation == Some(3)).await;
+    assert_eq!(cache.token().await.unwrap().secret(), "token-3");
+    assert_eq!(cache.stats().token_requests, 3);
+}
+
+/// Issue 11, item 6: a token store whose future panics is a typed error for the waiters, and
+/// the next refresh runs.
+#[tokio::test]
+async fn a_panicking_token_store_is_a_typed_error_and_the_next_refresh_runs() {
+    #[derive(Default)]
+    struct PanicsOnce(AtomicBool);
+    impl TokenStore for PanicsOnce {
+        fn refresh(&self, _: RefreshRequest, fetch: FetchToken) -> StoreFuture {
+            let panic = !self.0.swap(true, Ordering::SeqCst);
+            Box::pin(async move {
+                if panic {
+                    panic!("a store bug");
+                }
+                fetch.fetch().await
+            })
+        }
+    }
+    let cache = TokenCache::builder(StaticToken::new(Token::new("fine")))
+        .store(PanicsOnce::default())
+        .backoff(Duration::ZERO, Duration::ZERO)
+        .build();
+    let waiters = futures::future::join_all((0..10).map(|_| cache.token())).await;
+    assert!(waiters
+        .iter()
+        .all(|w| matches!(w, Err(AuthError::ProviderPanicked))));
+    assert_eq!(cache.token().await.unwrap().secret(), "fine");
+    assert_eq!(cache.stats().token_requests, 1);
+}
+
+/// Issue 11, smaller item: a token request that outlives `refresh_timeout` is not dropped
+/// mid-way (a rotated refresh token in its answer would be lost): it may finish for one more
+/// timeout, then it is cancelled, so a hanging provider leaks nothing.
+#[tokio::test(start_paused = true)]
+async fn a_token_request_past_the_timeout_finishes_detached_and_is_bounded() {
+    let finished = Arc::new(AtomicUsize::new(0));
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (f, c, n) = (finished.clone(), cancelled.clone(), calls.clone());
+    let cache = TokenCache::builder(provider_fn(move || {
+        let n = n.fetch_add(1, Ordering::SeqCst) + 1;
+        let (finished, cancelled) = (f.clone(), c.clone());
+        async move {
+            let in_flight = CountIfDropped(cancelled);
+            let takes = match n {
+                1 => Duration::from_millis(1500), // late, within the grace period
+                2 => Duration::from_secs(10),     // hangs past it
+                _ => Duration::ZERO,
+            };
+            tokio::time::sleep(takes).await;
+            std::mem::forget(in_flight);
+            finished.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Token::new(format!("token-{n}")))
+        }
+    }))
+    .refresh_timeout(Duration::from_secs(1))
+    .backoff(Duration::ZERO, Duration::ZERO)
+    .build();
+
+    let late = cache.token().await;
+    assert!(
+        matches!(late, Err(AuthError::RefreshTimeout { .. })),
+        "{late:?}"
+    );
+    assert_eq!(finished.load(Ordering::SeqCst), 0);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    support::until(|| finished.load(Ordering::SeqCst) == 1).await;
+    assert_eq!(
+        cancelled.load(Ordering::SeqCst),
+        0,
+        "the late answer was read"
+    );
+
+    let hanging = cache.token().await;
+    assert!(matches!(hanging, Err(AuthError::RefreshTimeout { .. })));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    support::until(|| cancelled.load(Ordering::SeqCst) == 1).await;
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+
+    assert_eq!(cache.token().await.unwrap().secret(), "token-3");
+    assert_eq!(cache.stats().token_requests, 3);
+}
+
+struct CountIfDropped(Arc<AtomicUsize>);
+
+impl Drop for CountIfDropped {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }

@@ -415,3 +415,103 @@ async fn request_with_its_own_authorization_is_sent_as_it_is() {
     assert_eq!(w.idp.token_requests(), 0, "no token fetched, no replay");
     assert_eq!(w.api.requests(), 1);
 }
+
+/// An endpoint that refuses every token (a wrong scope, a revoked grant, a misconfigured route)
+/// is not an expiry. Once a token fetched because of a 401 is refused too, it is kept: a
+/// rejection-driven refresh happens at most once per cooldown (5 s by default), and requests to
+/// healthy endpoints never notice.
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_that_refuses_every_token_costs_one_token_request_per_cooldown() {
+    let _clock = manual_clock();
+    let w = world(Some(HOUR)).await;
+    let layer = AuthLayer::new(http_provider(&w.idp));
+    let service = service(&layer);
+
+    // 1,000 refused and 1,000 healthy requests, interleaved, over 100 s.
+    for i in 0..1000 {
+        let refused = service
+            .clone()
+            .oneshot(get(&w.api, "/always-401"))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "request {i}");
+        let (status, _) = send(&service, &w.api).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "healthy request {i}");
+        advance(Duration::from_millis(100)).await;
+    }
+
+    // token-1, then one rejection-driven refresh at 0 s, 5 s, ..., 95 s: 20.
+    assert_eq!(w.idp.token_requests(), 21);
+    let stats = layer.cache().stats();
+    assert_eq!(stats.invalidations, 20);
+    assert_eq!(stats.replays, 20, "only a refresh earns a replay");
+    assert_eq!(stats.repeated_rejections, 980);
+    assert_eq!(w.api.served(), 1000, "every healthy request");
+    assert_eq!(w.api.requests(), 2020);
+}
+
+/// Issue 11, item 7: a 1 h token whose background refresh is throttled for 10 minutes is still
+/// sent until it expires, inside the skew buffer too; once expired it is never sent.
+#[tokio::test(start_paused = true)]
+async fn a_throttled_background_refresh_never_refuses_a_valid_token() {
+    let _clock = manual_clock();
+    let w = world(Some(HOUR)).await;
+    let layer = AuthLayer::new(http_provider(&w.idp));
+    let service = service(&layer);
+    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
+
+    // 55:00, the advisory window: the background refresh is answered 429, Retry-After: 600.
+    advance(HOUR - Duration::from_secs(5 * 60)).await;
+    w.idp.set_mode(IdpMode::Throttle(600));
+    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
+    until(|| layer.cache().stats().refresh_failures == 1).await;
+
+    // 59:30, inside the 60 s skew buffer, refreshing backs off until 65:00: token-1 is valid
+    // for 30 s more, so it is sent.
+    advance(Duration::from_secs(4 * 60 + 30)).await;
+    for _ in 0..10 {
+        assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
+    }
+    assert_eq!(layer.cache().token().await.unwrap().secret(), "token-1");
+    assert_eq!(w.idp.token_requests(), 2);
+
+    // 60:00: token-1 has expired and the refresh still backs off: a typed error, nothing sent.
+    advance(Duration::from_secs(30)).await;
+    let reached = w.api.requests();
+    let result = send(&service, &w.api).await;
+    assert!(
+        matches!(auth_error(&result), AuthError::Backoff { .. }),
+        "{result:?}"
+    );
+    assert_eq!(w.api.requests(), reached, "an expired token is never sent");
+    assert_eq!(w.registry.rejected_tokens(), 0);
+
+    // 65:00: the backoff is over and the identity provider has recovered.
+    advance(Duration::from_secs(5 * 60)).await;
+    w.idp.set_mode(IdpMode::Issue);
+    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-3");
+    assert_eq!(w.idp.token_requests(), 3);
+}
+
+/// Issue 11, item 7: a 401 while a failed background refresh backs off gets one immediate
+/// refresh attempt, so a recovered identity provider is asked at once.
+#[tokio::test(start_paused = true)]
+async fn a_401_during_a_background_backoff_refreshes_at_once() {
+    let _clock = manual_clock();
+    let w = world(Some(HOUR)).await;
+    let layer = AuthLayer::new(http_provider(&w.idp));
+    let service = service(&layer);
+    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
+
+    advance(HOUR - Duration::from_secs(5 * 60)).await;
+    w.idp.set_mode(IdpMode::Throttle(600));
+    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
+    until(|| layer.cache().stats().refresh_failures == 1).await;
+
+    // The identity provider recovers, and the API revokes token-1 (say an idle timeout).
+    w.idp.set_mode(IdpMode::Issue);
+    w.registry.revoke_all();
+    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-3");
+    assert_eq!(w.idp.token_requests(), 3);
+    assert_eq!(layer.cache().stats().replays, 1);
+}

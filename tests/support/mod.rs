@@ -82,6 +82,8 @@ pub enum IdpMode {
     Hang,
     /// Answer 200 with a body that is not a token response.
     Garbage,
+    /// Answer 429 with `Retry-After: <seconds>`.
+    Throttle(u64),
 }
 
 struct IdpState {
@@ -175,6 +177,13 @@ async fn idp_handle(
         }
         IdpMode::Hang => std::future::pending::<()>().await,
         IdpMode::Garbage => return Ok(respond(StatusCode::OK, "<html>maintenance</html>")),
+        IdpMode::Throttle(seconds) => {
+            let mut response = respond(StatusCode::TOO_MANY_REQUESTS, r#"{"error":"slow_down"}"#);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+            return Ok(response);
+        }
     }
     let token = format!("token-{n}");
     let ttl = *state.ttl.lock().unwrap();
@@ -558,7 +567,19 @@ pub fn http_provider_at(url: String) -> impl TokenProvider {
                 ))?;
             let response = http.request(request).await?;
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok()?.parse().ok())
+                .map(Duration::from_secs);
             let body = response.into_body().collect().await?.to_bytes();
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                return Err(tower_auth_refresh::AuthError::Throttled {
+                    status,
+                    retry_after,
+                }
+                .into());
+            }
             if !status.is_success() {
                 return Err(format!("token endpoint answered {status}").into());
             }
