@@ -273,9 +273,10 @@ impl Future for RefreshWait {
     }
 }
 
-/// What [`TokenCache::invalidate`] made of a 401.
+/// What the cache made of a 401: see [`TokenCache::reject`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Rejection {
+#[non_exhaustive]
+pub enum Rejection {
     /// The rejected token was the current one and is gone: the next request refreshes.
     Invalidated,
     /// The rejected token had been replaced already: replay with the current one, no refresh.
@@ -382,6 +383,42 @@ impl TokenCache {
                 "the token was invalidated while it was being read",
             )),
         }
+    }
+
+    /// Report that the API refused `token` (a 401), for clients outside a tower stack (reqwest,
+    /// a hand-written retry loop); [`AuthService`](crate::AuthService) does the same on its own.
+    ///
+    /// The rejection counts only if `token` is still the current token, so a burst of 401s for
+    /// one token costs one refresh. Replay the request once if the answer is
+    /// [`Rejection::Invalidated`] or [`Rejection::AlreadyReplaced`], with the token the next
+    /// [`token`](Self::token) call gives; give the 401 back on [`Rejection::Repeated`].
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use tower_auth_refresh::{provider_fn, Rejection, Token, TokenCache};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let issued = AtomicUsize::new(0);
+    /// let cache = TokenCache::new(provider_fn(move || {
+    ///     let n = issued.fetch_add(1, Ordering::Relaxed);
+    ///     async move { Ok::<_, std::io::Error>(Token::new(format!("token-{n}"))) }
+    /// }));
+    /// let refused = cache.token().await?;
+    /// // ... the API answered 401 to `refused` ...
+    /// assert_eq!(cache.reject(&refused), Rejection::Invalidated);
+    /// assert_eq!(cache.reject(&refused), Rejection::AlreadyReplaced);
+    /// let fresh = cache.token().await?;
+    /// assert_ne!(fresh.secret(), refused.secret());
+    /// assert_eq!(cache.stats().token_requests, 2);
+    /// # Ok::<_, tower_auth_refresh::AuthError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn reject(&self, token: &Token) -> Rejection {
+        let generation = match self.shared.current.load().as_deref() {
+            Some(entry) if entry.token.secret() == token.secret() => entry.generation,
+            _ => return self.absorb_stale_rejection(0),
+        };
+        self.invalidate(generation)
     }
 
     /// What the cache has done so far, and the state of its current token: cheap enough to

@@ -58,7 +58,7 @@ mod service;
 pub mod store;
 pub mod token;
 
-pub use cache::{CacheStats, TokenCache, TokenCacheBuilder};
+pub use cache::{CacheStats, Rejection, TokenCache, TokenCacheBuilder};
 pub use error::{AuthError, ErrorCode, TokenEndpointError};
 pub use future::ResponseFuture;
 pub use layer::{AuthLayer, AuthLayerBuilder, ExistingAuthorization};
