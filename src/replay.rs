@@ -8,6 +8,18 @@
 //!
 //! A request is not replayable when its body outgrew the cap, failed, or was still streaming when
 //! the response arrived (the server answered before reading it all).
+//!
+//! A transport may stop polling a body before the body says `None`: hyper's HTTP/1 client drops
+//! it once `content-length` bytes are written, or right after the trailers. So a recording is
+//! complete as soon as the body is known to be whole, by whichever comes first:
+//! - the body returned `None`;
+//! - the body says [`is_end_stream`](Body::is_end_stream) after a frame;
+//! - a trailers frame arrived (trailers are the last frame of a body);
+//! - the data reached the exact length known when the body was wrapped: the body's own exact
+//!   [size hint](Body::size_hint), else the request's `content-length`.
+//!
+//! A body that was empty from the start (`Empty`, an empty `Full`) keeps nothing and is always
+//! replayable.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -45,7 +57,7 @@ pin_project! {
         Streaming {
             #[pin]
             body: B,
-            recording: Option<Arc<Mutex<Recording>>>,
+            keep: Keep,
         },
         Replay {
             chunks: VecDeque<Bytes>,
@@ -59,15 +71,26 @@ pin_project! {
     }
 }
 
+/// What the first attempt keeps of the body it streams.
+enum Keep {
+    /// Nothing: the body cannot be sent again.
+    Nothing,
+    /// The body was empty from the start: a copy is an empty body, nothing to keep.
+    Empty,
+    /// The chunks, kept as they stream.
+    Recording(Arc<Mutex<Recording>>),
+}
+
 impl<B> ReplayBody<B> {
     /// Wrap `body` to be sent as it is, keeping nothing: for requests sent straight to the inner
     /// service.
     pub fn new(body: B) -> Self {
+        Self::streaming(body, Keep::Nothing)
+    }
+
+    fn streaming(body: B, keep: Keep) -> Self {
         Self {
-            kind: Kind::Streaming {
-                body,
-                recording: None,
-            },
+            kind: Kind::Streaming { body, keep },
         }
     }
 
@@ -75,14 +98,55 @@ impl<B> ReplayBody<B> {
     /// the first attempt streams them, up to `cap` bytes. Use it for a streaming body below a
     /// retry layer that sits outside the [`AuthLayer`](crate::AuthLayer); bodies that are cheap to
     /// clone (`Full`, `Empty`) need no wrapping.
+    ///
+    /// The recording is complete when the body ends, sends its trailers, or reaches its exact
+    /// [size hint](Body::size_hint). It does not see the request's `content-length`: a body sent
+    /// with that header should carry the same exact size hint, since hyper's HTTP/1 client stops
+    /// polling once that many bytes are written.
     pub fn recorded(body: B, cap: usize) -> Self
     where
         B: Body<Data = Bytes>,
     {
-        let recording = Recording::start(&body, cap);
-        Self {
-            kind: Kind::Streaming { body, recording },
-        }
+        Self::recording(body, None, cap)
+    }
+
+    /// Wrap the body of a request the auth layer sends: recorded within `cap`, so that both the
+    /// 401 replay and a retry layer below can send it again.
+    pub(crate) fn for_request(headers: &HeaderMap, body: B, cap: usize) -> Self
+    where
+        B: Body<Data = Bytes>,
+    {
+        Self::recording(body, content_length(headers), cap)
+    }
+
+    /// Wrap the body of a request the auth layer passes through: nothing is kept, but an empty
+    /// body costs nothing to copy, so a retry layer below can still send it again.
+    pub(crate) fn passthrough(body: B) -> Self
+    where
+        B: Body,
+    {
+        let keep = if body.is_end_stream() {
+            Keep::Empty
+        } else {
+            Keep::Nothing
+        };
+        Self::streaming(body, keep)
+    }
+
+    /// `declared` is the request's `content-length`, if any.
+    fn recording(body: B, declared: Option<u64>, cap: usize) -> Self
+    where
+        B: Body<Data = Bytes>,
+    {
+        let keep = if body.is_end_stream() {
+            Keep::Empty
+        } else {
+            match Recording::start(&body, declared, cap) {
+                Some(recording) => Keep::Recording(recording),
+                None => Keep::Nothing,
+            }
+        };
+        Self::streaming(body, keep)
     }
 
     fn replay(chunks: Vec<Bytes>, trailers: Option<HeaderMap>) -> Self {
@@ -95,26 +159,28 @@ impl<B> ReplayBody<B> {
     }
 
     /// A copy that sends the same bytes again, if this body can be replayed at all: it is a
-    /// replay already, or it records what it streams and has not outgrown its cap.
+    /// replay already, it was empty from the start, or it records what it streams and has not
+    /// outgrown its cap.
     ///
     /// The copy can be sent once the original finished streaming; until then
     /// [`is_replayable`](Self::is_replayable) is `false` for it.
     pub fn try_clone(&self) -> Option<Self> {
         let kind = match &self.kind {
-            Kind::Streaming {
-                recording: Some(recording),
-                ..
-            } => {
-                if lock(recording).state == RecordingState::Abandoned {
-                    return None;
+            Kind::Streaming { keep, .. } => match keep {
+                Keep::Nothing => return None,
+                Keep::Empty => Kind::Replay {
+                    chunks: VecDeque::new(),
+                    trailers: None,
+                },
+                Keep::Recording(recording) => {
+                    if lock(recording).state == RecordingState::Abandoned {
+                        return None;
+                    }
+                    Kind::Deferred {
+                        recording: recording.clone(),
+                    }
                 }
-                Kind::Deferred {
-                    recording: recording.clone(),
-                }
-            }
-            Kind::Streaming {
-                recording: None, ..
-            } => return None,
+            },
             Kind::Replay { chunks, trailers } => Kind::Replay {
                 chunks: chunks.clone(),
                 trailers: trailers.clone(),
@@ -130,7 +196,7 @@ impl<B> ReplayBody<B> {
     /// original is still streaming, outgrew the cap or failed.
     pub fn is_replayable(&self) -> bool {
         match &self.kind {
-            Kind::Streaming { .. } => false,
+            Kind::Streaming { keep, .. } => matches!(keep, Keep::Empty),
             Kind::Replay { .. } => true,
             Kind::Deferred { recording } => lock(recording).state == RecordingState::Complete,
         }
@@ -165,12 +231,9 @@ where
         let mut kind = self.project().kind;
         loop {
             match kind.as_mut().project() {
-                KindProj::Streaming {
-                    mut body,
-                    recording,
-                } => {
+                KindProj::Streaming { mut body, keep } => {
                     let frame = ready!(body.as_mut().poll_frame(cx));
-                    if let Some(recording) = recording {
+                    if let Keep::Recording(recording) = keep {
                         let ended = body.is_end_stream();
                         lock(recording).record(&frame, ended);
                     }
@@ -215,17 +278,33 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Streaming { body, .. } => body.size_hint(),
-            Kind::Replay { chunks, .. } => {
-                SizeHint::with_exact(chunks.iter().map(|c| c.remaining() as u64).sum())
-            }
+            Kind::Replay { chunks, trailers } => replay_size_hint(
+                chunks.iter().map(|c| c.remaining() as u64).sum(),
+                trailers.is_some(),
+            ),
             Kind::Deferred { recording } => {
                 let recording = lock(recording);
                 match recording.state {
-                    RecordingState::Complete => SizeHint::with_exact(recording.len as u64),
+                    RecordingState::Complete => {
+                        replay_size_hint(recording.len as u64, recording.trailers.is_some())
+                    }
                     _ => SizeHint::default(),
                 }
             }
         }
+    }
+}
+
+/// The size of a replay: exact, unless trailers follow the data. An HTTP/1 sender frames a body
+/// of exact size with `content-length`, which cannot carry trailers; without the exact size
+/// hyper sends it chunked, as it sent the original.
+fn replay_size_hint(len: u64, trailers: bool) -> SizeHint {
+    if trailers {
+        let mut hint = SizeHint::new();
+        hint.set_lower(len);
+        hint
+    } else {
+        SizeHint::with_exact(len)
     }
 }
 
@@ -235,6 +314,8 @@ struct Recording {
     chunks: Vec<Bytes>,
     len: usize,
     cap: usize,
+    /// The length at which the body is whole, if known when it was wrapped.
+    expected: Option<u64>,
     trailers: Option<HeaderMap>,
     state: RecordingState,
 }
@@ -250,46 +331,98 @@ enum RecordingState {
 }
 
 impl Recording {
-    /// A recording for `body`, unless it is known to be too large (then nothing is kept).
-    fn start<B: Body>(body: &B, cap: usize) -> Option<Arc<Mutex<Recording>>> {
-        if body.size_hint().lower() > cap as u64 {
+    /// A recording for a non-empty `body`, unless it is known to be too large (then nothing is
+    /// kept). `declared` is the request's `content-length`.
+    ///
+    /// The body's own exact size hint comes first: hyper sizes the message from it, and a body
+    /// that breaks it is abandoned below. The header counts only without one; it may lie, but
+    /// a lie cannot make the replay send other bytes than the first attempt: an HTTP/1.1 sender
+    /// (hyper included) writes exactly that many bytes and stops polling, and an HTTP/2 peer
+    /// rejects a body whose length differs. So the recording is whole when the data reaches it,
+    /// and a body that yields more is abandoned.
+    fn start<B: Body>(
+        body: &B,
+        declared: Option<u64>,
+        cap: usize,
+    ) -> Option<Arc<Mutex<Recording>>> {
+        let hint = body.size_hint();
+        let expected = hint.exact().or(declared);
+        if hint.lower() > cap as u64 || expected.is_some_and(|len| len > cap as u64) {
             return None;
         }
         Some(Arc::new(Mutex::new(Recording {
             chunks: Vec::new(),
             len: 0,
             cap,
+            expected,
             trailers: None,
-            state: if body.is_end_stream() {
-                RecordingState::Complete
-            } else {
-                RecordingState::Recording
-            },
+            state: RecordingState::Recording,
         })))
     }
 
+    /// Keep `frame`; `ended` is the body's `is_end_stream()` after it.
+    ///
+    /// Completeness never waits for a poll the transport may not make (see the module docs).
     fn record<E>(&mut self, frame: &Option<Result<Frame<Bytes>, E>>, ended: bool) {
-        if self.state != RecordingState::Recording {
-            return;
-        }
-        match frame {
-            None => self.state = RecordingState::Complete,
-            Some(Err(_)) => self.abandon(),
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    self.len = self.len.saturating_add(data.len());
-                    if self.len > self.cap {
-                        self.abandon();
-                        return;
+        match self.state {
+            RecordingState::Abandoned => {}
+            RecordingState::Complete => self.record_after_end(frame),
+            RecordingState::Recording => match frame {
+                None => self.state = RecordingState::Complete,
+                Some(Err(_)) => self.abandon(),
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        self.len = self.len.saturating_add(data.len());
+                        if self.len > self.cap {
+                            self.abandon();
+                            return;
+                        }
+                        if !data.is_empty() {
+                            self.chunks.push(data.clone());
+                        }
+                        match self.expected {
+                            Some(expected) if self.len as u64 > expected => {
+                                self.abandon();
+                                return;
+                            }
+                            // A sender stops once the length it announced is written.
+                            Some(expected) if self.len as u64 == expected => {
+                                self.state = RecordingState::Complete;
+                            }
+                            _ => {}
+                        }
+                    } else if let Some(trailers) = frame.trailers_ref() {
+                        // Trailers are the last frame; a sender stops right after them.
+                        self.trailers = Some(trailers.clone());
+                        self.state = RecordingState::Complete;
                     }
-                    self.chunks.push(data.clone());
-                } else if let Some(trailers) = frame.trailers_ref() {
-                    self.trailers = Some(trailers.clone());
+                    // A sender may stop polling once the body says it has ended.
+                    if ended {
+                        self.state = RecordingState::Complete;
+                    }
                 }
-                // A sender may stop polling once the body says it has ended.
-                if ended {
-                    self.state = RecordingState::Complete;
-                }
+            },
+        }
+    }
+
+    /// A frame after the body was known to be whole. Only a body completed by its length can
+    /// still yield one a transport would send: trailers (HTTP/2 carries them after a sized
+    /// body) are kept; more data means the body broke its length, and it is not replayed.
+    fn record_after_end<E>(&mut self, frame: &Option<Result<Frame<Bytes>, E>>) {
+        let Some(frame) = frame else {
+            return;
+        };
+        let Ok(frame) = frame else {
+            self.abandon();
+            return;
+        };
+        if let Some(data) = frame.data_ref() {
+            if !data.is_empty() {
+                self.abandon();
+            }
+        } else if let Some(trailers) = frame.trailers_ref() {
+            if self.trailers.is_none() {
+                self.trailers = Some(trailers.clone());
             }
         }
     }
@@ -299,6 +432,16 @@ impl Recording {
         self.chunks = Vec::new();
         self.trailers = None;
     }
+}
+
+/// The request's `content-length`, when it is one valid number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    value.to_str().ok()?.trim().parse().ok()
 }
 
 fn lock(recording: &Mutex<Recording>) -> std::sync::MutexGuard<'_, Recording> {
@@ -325,38 +468,29 @@ pub(crate) struct ReplayRequest {
 }
 
 impl ReplayRequest {
-    /// Prepare a request for a possible replay: returns the body for the first attempt and,
-    /// when the body can be kept within `cap`, what the replay needs.
+    /// What a replay of the request with these `parts` needs, when `body` (wrapped by
+    /// [`ReplayBody::for_request`]) can be sent again.
     ///
     /// The copied headers may hold the first attempt's token; the replay overwrites it.
-    pub(crate) fn prepare<B>(
-        parts: &request::Parts,
-        body: B,
-        cap: usize,
-    ) -> (ReplayBody<B>, Option<ReplayRequest>)
-    where
-        B: Body<Data = Bytes>,
-    {
-        let (recording, body_replay) = if body.is_end_stream() {
-            (None, BodyReplay::Empty)
-        } else {
-            let Some(recording) = Recording::start(&body, cap) else {
-                return (ReplayBody::new(body), None);
-            };
-            (Some(recording.clone()), BodyReplay::Recorded(recording))
+    pub(crate) fn new<B>(parts: &request::Parts, body: &ReplayBody<B>) -> Option<ReplayRequest> {
+        let body_replay = match &body.kind {
+            Kind::Streaming {
+                keep: Keep::Empty, ..
+            } => BodyReplay::Empty,
+            Kind::Streaming {
+                keep: Keep::Recording(recording),
+                ..
+            } => BodyReplay::Recorded(recording.clone()),
+            _ => return None,
         };
-        let replay = ReplayRequest {
+        Some(ReplayRequest {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
             headers: parts.headers.clone(),
             extensions: parts.extensions.clone(),
             body: body_replay,
-        };
-        let body = ReplayBody {
-            kind: Kind::Streaming { body, recording },
-        };
-        (body, Some(replay))
+        })
     }
 
     /// The request for the replay, with the new credential; `None` when the first attempt did
@@ -408,7 +542,8 @@ mod tests {
         cap: usize,
     ) -> (Request<ReplayBody<B>>, Option<ReplayRequest>) {
         let (parts, body) = request.into_parts();
-        let (body, replay) = ReplayRequest::prepare(&parts, body, cap);
+        let body = ReplayBody::for_request(&parts.headers, body, cap);
+        let replay = ReplayRequest::new(&parts, &body);
         (Request::from_parts(parts, body), replay)
     }
 
@@ -508,6 +643,237 @@ mod tests {
         let collected = again.into_body().collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&trailers));
         assert_eq!(collected.to_bytes(), "data");
+    }
+
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+
+    fn data(bytes: &'static [u8]) -> Item {
+        Ok(Frame::data(Bytes::from_static(bytes)))
+    }
+
+    fn checksum() -> HeaderMap {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+        trailers
+    }
+
+    /// A streamed body (no size hint, never says it ended) of `frames`.
+    fn stream(frames: Vec<Item>) -> StreamBody<futures::stream::Iter<std::vec::IntoIter<Item>>> {
+        StreamBody::new(futures::stream::iter(frames))
+    }
+
+    /// A body of `frames` that announces what the test needs: an exact size (whatever it
+    /// yields), and whether it says it ended once its frames are out.
+    struct Scripted {
+        frames: VecDeque<Item>,
+        exact: Option<u64>,
+        says_end: bool,
+    }
+
+    impl Body for Scripted {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Item>> {
+            Poll::Ready(self.get_mut().frames.pop_front())
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.says_end && self.frames.is_empty()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.exact.map(SizeHint::with_exact).unwrap_or_default()
+        }
+    }
+
+    fn sized(frames: Vec<Item>, len: u64) -> Scripted {
+        Scripted {
+            frames: frames.into(),
+            exact: Some(len),
+            says_end: false,
+        }
+    }
+
+    /// The request as the auth layer wraps it, with `content-length` if given.
+    fn wrap<B: Body<Data = Bytes>>(
+        body: B,
+        content_length: Option<&'static str>,
+        cap: usize,
+    ) -> (ReplayBody<B>, ReplayRequest) {
+        let mut builder = Request::post("/upload");
+        if let Some(len) = content_length {
+            builder = builder.header(http::header::CONTENT_LENGTH, len);
+        }
+        let (request, replay) = prepare(builder.body(body).unwrap(), cap);
+        (request.into_body(), replay.unwrap())
+    }
+
+    /// Poll `n` frames, as a transport that stops on its own would, never asking for the end.
+    async fn send_frames<B>(body: &mut ReplayBody<B>, n: usize)
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        for _ in 0..n {
+            body.frame().await.unwrap().unwrap();
+        }
+    }
+
+    async fn replayed(replay: ReplayRequest) -> http_body_util::Collected<Bytes> {
+        let request = replay
+            .into_request::<Full<Bytes>>(&name(), HeaderValue::from_static("x"))
+            .unwrap();
+        request.into_body().collect().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn complete_when_the_body_returns_none() {
+        let (mut first, replay) = wrap(stream(vec![data(b"ab"), data(b"cd")]), None, 1024);
+        send_frames(&mut first, 2).await;
+        assert!(!replay.is_ready(), "the body has not said it ended");
+        assert!(first.frame().await.is_none());
+        assert!(replay.is_ready());
+        assert_eq!(replayed(replay).await.to_bytes(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn complete_when_the_body_says_it_ended_after_a_frame() {
+        // No size known up front: only `is_end_stream` tells.
+        let body = Scripted {
+            frames: vec![data(b"ab"), data(b"cd")].into(),
+            exact: None,
+            says_end: true,
+        };
+        let (mut first, replay) = wrap(body, None, 1024);
+        send_frames(&mut first, 1).await;
+        assert!(!replay.is_ready());
+        send_frames(&mut first, 1).await;
+        assert!(replay.is_ready(), "no poll for the end needed");
+        assert_eq!(replayed(replay).await.to_bytes(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn complete_after_trailers_without_another_poll() {
+        let frames = vec![data(b"ab"), Ok(Frame::trailers(checksum()))];
+        let (mut first, replay) = wrap(stream(frames), None, 1024);
+        send_frames(&mut first, 1).await;
+        assert!(!replay.is_ready());
+        send_frames(&mut first, 1).await;
+        assert!(replay.is_ready(), "trailers are the last frame");
+        let again = replay
+            .into_request::<Full<Bytes>>(&name(), HeaderValue::from_static("x"))
+            .unwrap();
+        // Not exact: an HTTP/1 sender would frame it with content-length and drop the trailers.
+        assert_eq!(again.body().size_hint().exact(), None);
+        assert_eq!(again.body().size_hint().lower(), 2);
+        let collected = again.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&checksum()));
+        assert_eq!(collected.to_bytes(), "ab");
+    }
+
+    #[tokio::test]
+    async fn complete_at_the_exact_size_hint() {
+        let body = sized(vec![data(b"ab"), data(b"cd")], 4);
+        let (mut first, replay) = wrap(body, None, 1024);
+        send_frames(&mut first, 1).await;
+        assert!(!replay.is_ready());
+        send_frames(&mut first, 1).await;
+        assert!(replay.is_ready(), "the size the body announced is reached");
+        assert_eq!(replayed(replay).await.to_bytes(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn complete_at_the_content_length_when_the_body_has_no_size() {
+        let (mut first, replay) = wrap(stream(vec![data(b"ab"), data(b"cd")]), Some("4"), 1024);
+        send_frames(&mut first, 1).await;
+        assert!(!replay.is_ready());
+        send_frames(&mut first, 1).await;
+        assert!(replay.is_ready(), "hyper stops polling at content-length");
+        assert_eq!(replayed(replay).await.to_bytes(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn the_body_size_hint_wins_over_content_length() {
+        let body = sized(vec![data(b"ab"), data(b"cd")], 4);
+        let (mut first, replay) = wrap(body, Some("2"), 1024);
+        send_frames(&mut first, 1).await;
+        assert!(
+            !replay.is_ready(),
+            "the header is not trusted over the body"
+        );
+        send_frames(&mut first, 1).await;
+        assert!(replay.is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_announced_is_not_replayed() {
+        // In one frame.
+        let (mut first, replay) = wrap(stream(vec![data(b"abcd")]), Some("2"), 1024);
+        send_frames(&mut first, 1).await;
+        assert!(!replay.is_ready());
+        assert!(first.try_clone().is_none());
+        // After the announced length was reached.
+        let (mut first, replay) = wrap(stream(vec![data(b"ab"), data(b"cd")]), Some("2"), 1024);
+        send_frames(&mut first, 1).await;
+        assert!(replay.is_ready());
+        send_frames(&mut first, 1).await;
+        assert!(!replay.is_ready(), "the body broke its length");
+    }
+
+    #[tokio::test]
+    async fn trailers_after_the_announced_length_are_kept() {
+        let frames = vec![data(b"ab"), Ok(Frame::trailers(checksum()))];
+        let (mut first, replay) = wrap(stream(frames), Some("2"), 1024);
+        send_frames(&mut first, 1).await;
+        assert!(replay.is_ready());
+        send_frames(&mut first, 1).await;
+        let collected = replayed(replay).await;
+        assert_eq!(collected.trailers(), Some(&checksum()));
+        assert_eq!(collected.to_bytes(), "ab");
+    }
+
+    #[test]
+    fn content_length_over_the_cap_is_not_recorded() {
+        let body = stream(vec![data(b"abcd")]);
+        let request = Request::post("/")
+            .header(http::header::CONTENT_LENGTH, "4")
+            .body(body)
+            .unwrap();
+        let (request, replay) = prepare(request, 3);
+        assert!(replay.is_none());
+        assert!(request.body().try_clone().is_none());
+    }
+
+    #[test]
+    fn empty_bodies_are_clonable_without_a_recording() {
+        let empty =
+            ReplayBody::for_request(&HeaderMap::new(), http_body_util::Empty::<Bytes>::new(), 0);
+        let full = ReplayBody::for_request(&HeaderMap::new(), Full::<Bytes>::default(), 0);
+        let passed = ReplayBody::passthrough(http_body_util::Empty::<Bytes>::new());
+        assert!(matches!(
+            empty.kind,
+            Kind::Streaming {
+                keep: Keep::Empty,
+                ..
+            }
+        ));
+        assert!(matches!(
+            full.kind,
+            Kind::Streaming {
+                keep: Keep::Empty,
+                ..
+            }
+        ));
+        for copy in [empty.try_clone(), passed.try_clone()] {
+            let copy = copy.unwrap();
+            assert!(copy.is_replayable());
+            assert!(copy.is_end_stream());
+        }
+        assert!(full.try_clone().unwrap().is_end_stream());
+        // A passed-through body with content keeps nothing.
+        let passed = ReplayBody::passthrough(Full::new(Bytes::from_static(b"x")));
+        assert!(passed.try_clone().is_none());
     }
 
     fn tokio_stream_from<T: Send + 'static>(

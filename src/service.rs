@@ -87,7 +87,7 @@ where
         if let Some(origins) = &settings.origins {
             let allowed = Origin::of(&parts.uri).is_some_and(|origin| origins.contains(&origin));
             if !allowed {
-                let request = Request::from_parts(parts, ReplayBody::new(body));
+                let request = Request::from_parts(parts, ReplayBody::passthrough(body));
                 return ResponseFuture::passthrough(self.inner.call(request));
             }
         }
@@ -96,7 +96,7 @@ where
         // goes.
         let acquired = match parts.headers.entry(&settings.header_name) {
             Entry::Occupied(_) if settings.existing == ExistingAuthorization::Keep => {
-                let request = Request::from_parts(parts, ReplayBody::new(body));
+                let request = Request::from_parts(parts, ReplayBody::passthrough(body));
                 return ResponseFuture::passthrough(self.inner.call(request));
             }
             entry => match settings.cache.acquire() {
@@ -117,14 +117,17 @@ where
             },
         };
 
+        // Recorded even when `replay_when` refuses the 401 replay: a retry layer below sends
+        // the body again through the same recording. A `Full` body costs one `Bytes` clone.
+        let body = ReplayBody::for_request(&parts.headers, body, settings.max_replay_body);
         let replay_allowed = settings
             .replay_if
             .as_ref()
             .is_none_or(|allow| allow(&parts));
-        let (body, replay) = if replay_allowed {
-            ReplayRequest::prepare(&parts, body, settings.max_replay_body)
+        let replay = if replay_allowed {
+            ReplayRequest::new(&parts, &body)
         } else {
-            (ReplayBody::new(body), None)
+            None
         };
         let request = Request::from_parts(parts, body);
 

@@ -6,14 +6,16 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_auth_refresh::{predicate, AuthLayer, AuthService};
 
-use support::{body_string, client, http_provider, Api, IdentityProvider, TokenRegistry};
+use support::{
+    body_string, client, client_h2, http_provider, Api, IdentityProvider, TokenRegistry,
+};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 type Client = hyper_util::client::legacy::Client<
@@ -34,11 +36,16 @@ struct World {
 /// A world whose first token was used once and then revoked on the server: the next request
 /// meets a 401.
 async fn world_with_revoked_token(layer: impl FnOnce(&IdentityProvider) -> AuthLayer) -> World {
+    world_over(client(), layer).await
+}
+
+/// [`world_with_revoked_token`] over `client` (HTTP/1.1 or HTTP/2).
+async fn world_over(client: Client, layer: impl FnOnce(&IdentityProvider) -> AuthLayer) -> World {
     let registry = TokenRegistry::default();
     let idp = IdentityProvider::start(registry.clone(), Some(HOUR)).await;
     let api = Api::start(registry.clone(), 0).await;
     let layer = layer(&idp);
-    let service = ServiceBuilder::new().layer(layer.clone()).service(client());
+    let service = ServiceBuilder::new().layer(layer.clone()).service(client);
     let warm = service
         .clone()
         .oneshot(Request::get(api.url("/whoami")).body(empty()).unwrap())
@@ -239,4 +246,151 @@ async fn replay_can_be_limited_to_idempotent_methods() {
     assert_eq!(response.status(), StatusCode::OK, "PUT is replayed");
     assert_eq!(w.layer.cache().stats().replays, 1);
     assert_eq!(w.idp.token_requests(), 3);
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+async fn world_speaking(protocol: Protocol) -> World {
+    let client = match protocol {
+        Protocol::Http1 => client(),
+        Protocol::Http2 => client_h2(),
+    };
+    world_over(client, default_layer).await
+}
+
+/// What a streamed file upload sends: 5 chunks of 1 KiB, and no size hint.
+fn upload_bytes() -> Vec<u8> {
+    (0..5u8).flat_map(|i| vec![i; 1024]).collect()
+}
+
+fn upload_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static("c0ffee"));
+    trailers
+}
+
+/// The upload as 5 data frames, then the trailers if any.
+fn upload_body(trailers: Option<HeaderMap>) -> Body {
+    let data = (0..5u8).map(|i| Ok(Frame::data(Bytes::from(vec![i; 1024]))));
+    let frames = data.chain(trailers.map(|t| Ok(Frame::trailers(t))));
+    BodyExt::boxed(StreamBody::new(futures::stream::iter(frames)))
+}
+
+/// The server reads the whole upload before it answers 401 for the revoked token: the recording
+/// is complete however the transport stopped polling the body, so the upload is replayed once.
+async fn assert_upload_replayed(w: &World, request: Request<Body>, trailers: Option<HeaderMap>) {
+    let before = w.api.requests();
+    let response = w.service.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    if let Some(trailers) = trailers {
+        for (name, value) in &trailers {
+            assert_eq!(
+                response.headers().get(name),
+                Some(value),
+                "trailers replayed"
+            );
+        }
+    }
+    let echoed = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(echoed, upload_bytes(), "the replay sent the same bytes");
+    assert_eq!(
+        w.api.requests(),
+        before + 2,
+        "the rejected upload and its replay"
+    );
+    assert_eq!(w.api.rejected(), 1);
+    assert_eq!(w.layer.cache().stats().replays, 1);
+    assert_eq!(
+        w.idp.token_requests(),
+        2,
+        "one token request after the first"
+    );
+}
+
+async fn upload_with_content_length(protocol: Protocol) {
+    let w = world_speaking(protocol).await;
+    let request = Request::post(w.api.url("/upload"))
+        .header(header::CONTENT_LENGTH, 5 * 1024)
+        .body(upload_body(None))
+        .unwrap();
+    assert_upload_replayed(&w, request, None).await;
+}
+
+// hyper's HTTP/1 client writes exactly `content-length` bytes and then drops the body without
+// polling it for its end.
+#[tokio::test]
+async fn streamed_upload_with_content_length_is_replayed_over_http1() {
+    upload_with_content_length(Protocol::Http1).await;
+}
+
+#[tokio::test]
+async fn streamed_upload_with_content_length_is_replayed_over_http2() {
+    upload_with_content_length(Protocol::Http2).await;
+}
+
+async fn upload_with_trailers(protocol: Protocol) {
+    let w = world_speaking(protocol).await;
+    // HTTP/1.1 carries request trailers only in chunked encoding, and hyper sends only the
+    // fields a `Trailer` header announces (without it hyper drops them and polls on to the end).
+    let request = Request::post(w.api.url("/upload"))
+        .header(header::TRAILER, "x-checksum")
+        .body(upload_body(Some(upload_trailers())))
+        .unwrap();
+    assert_upload_replayed(&w, request, Some(upload_trailers())).await;
+}
+
+// Trailers are the last frame: both hyper clients stop polling the body right after them.
+#[tokio::test]
+async fn streamed_upload_ending_in_trailers_is_replayed_over_http1() {
+    upload_with_trailers(Protocol::Http1).await;
+}
+
+#[tokio::test]
+async fn streamed_upload_ending_in_trailers_is_replayed_over_http2() {
+    upload_with_trailers(Protocol::Http2).await;
+}
+
+/// The server answers 401 before reading the upload: the body is still streaming, so there is
+/// nothing complete to replay and the 401 comes back.
+async fn upload_answered_early(protocol: Protocol) {
+    let w = world_speaking(protocol).await;
+    let (sender, mut receiver) =
+        tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+    sender
+        .send(Ok(Frame::data(Bytes::from(vec![0u8; 1024]))))
+        .await
+        .unwrap();
+
+    let before = w.api.requests();
+    let request = Request::post(w.api.url("/reject-early"))
+        .header(header::CONTENT_LENGTH, 5 * 1024)
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap();
+    let response =
+        tokio::time::timeout(Duration::from_secs(30), w.service.clone().oneshot(request))
+            .await
+            .expect("an early 401 must not wait for the rest of the body")
+            .unwrap();
+
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(body_string(response).await, "invalid or expired token");
+    assert_eq!(w.api.requests(), before + 1, "sent once");
+    assert_eq!(w.layer.cache().stats().replays, 0);
+    assert_eq!(w.idp.token_requests(), 1, "no refresh without a replay");
+    drop(sender);
+}
+
+#[tokio::test]
+async fn upload_answered_before_it_was_read_is_not_replayed_over_http1() {
+    upload_answered_early(Protocol::Http1).await;
+}
+
+#[tokio::test]
+async fn upload_answered_before_it_was_read_is_not_replayed_over_http2() {
+    upload_answered_early(Protocol::Http2).await;
 }

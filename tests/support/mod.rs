@@ -253,6 +253,8 @@ struct RateWindow {
 ///
 /// - `GET /contacts?page=N&size=M`: a page of records; `x-total-pages` says how many there are.
 /// - `POST /echo`: the request body back.
+/// - `POST /upload`: `/echo`, but the whole body (and its trailers, copied into the response
+///   headers) is read before the token is checked.
 /// - `POST /reject-early`: 401 at once, without reading the body.
 /// - `GET /always-401`: 401 whatever the token.
 /// - `GET /redirect?to=<url>`: 302 to `<url>`, whatever the token.
@@ -394,7 +396,11 @@ async fn api_handle(
     state
         .max_in_flight
         .fetch_max(now_in_flight, Ordering::SeqCst);
-    let response = api_answer(&state, request).await;
+    let response = if request.uri().path() == "/upload" {
+        upload_answer(&state, request).await
+    } else {
+        api_answer(&state, request).await
+    };
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
     let counter = match response.status() {
         StatusCode::UNAUTHORIZED => &counters.rejected,
@@ -405,7 +411,30 @@ async fn api_handle(
     Ok(response)
 }
 
-async fn api_answer(state: &ApiState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// `POST /upload`: reads the whole body, trailers included, before it checks the token, as an
+/// API that authenticates after buffering does; answers like `/echo`, with the trailers it
+/// received copied into the response headers.
+async fn upload_answer(state: &ApiState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = body.collect().await else {
+        return respond(StatusCode::BAD_REQUEST, "body failed");
+    };
+    let trailers = body.trailers().cloned();
+    let mut response = api_answer(
+        state,
+        Request::from_parts(parts, Full::new(body.to_bytes())),
+    )
+    .await;
+    if let Some(trailers) = trailers {
+        response.headers_mut().extend(trailers);
+    }
+    response
+}
+
+async fn api_answer<B>(state: &ApiState, request: Request<B>) -> Response<Full<Bytes>>
+where
+    B: http_body::Body<Data = Bytes>,
+{
     let latency = *state.latency.lock().unwrap();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -455,7 +484,7 @@ async fn api_answer(state: &ApiState, request: Request<Incoming>) -> Response<Fu
         return too_many_requests(state);
     }
     match path.as_str() {
-        "/echo" => match request.into_body().collect().await {
+        "/echo" | "/upload" => match request.into_body().collect().await {
             Ok(body) => respond(StatusCode::OK, body.to_bytes()),
             Err(_) => respond(StatusCode::BAD_REQUEST, "body failed"),
         },
@@ -545,6 +574,18 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// [`client`] speaking HTTP/2 only (prior knowledge over plain TCP), for what differs between
+/// the protocols: how far a request body is polled, and trailers.
+pub fn client_h2<B>() -> Client<HttpConnector, ReplayBody<B>>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
 /// A token provider that asks `idp` over HTTP (client credentials) and reads its JSON answer.
