@@ -11,8 +11,23 @@
 //! - Otherwise the process takes a short lock (`SET lock owner NX PX ttl`), looks again, calls
 //!   the provider, publishes the token with its expiry as the key's TTL, and releases the lock
 //!   with a compare-and-delete script, so it never frees a lock that expired and passed to
-//!   someone else. A holder that dies releases by TTL. Processes that find the lock taken poll
-//!   for the published token with backoff.
+//!   someone else. While the provider call runs, the holder renews the lock every third of its
+//!   TTL (a compare-and-`PEXPIRE` script, inside the refresh itself, so renewal stops when the
+//!   call ends or the refresh is cancelled): a slow identity provider keeps the lock held, and
+//!   a holder that dies loses it within one TTL. Processes that find the lock taken poll for
+//!   the published token with backoff, for as long as a healthy holder may take (see
+//!   [`DEFAULT_WAIT_TIMEOUT`]).
+//! - Publishing is one script that checks both who holds the lock and how new the stored token
+//!   is: it writes only while this process still holds the lock (or nobody does) and Redis
+//!   holds no token issued at the same time or later. So a token never overwrites a newer one
+//!   however late its provider answers, and the fleet never goes back to an older token. When
+//!   Redis already holds a newer token, the process takes that one instead of its own, so the
+//!   fleet stays on one token. When another process has taken the lock over (this one's lock
+//!   expired, e.g. while Redis was unreachable), the token is not published: the new holder
+//!   sent its request later and will publish a newer token; publishing ours as well would only
+//!   split the fleet over two tokens. When the lock is simply gone (expired, nobody took it
+//!   over), the token is published if it is newer: nobody else will publish one, and the
+//!   waiting processes would otherwise each fetch their own.
 //! - A 401 removes the shared token only if Redis still holds the rejected one (compare and
 //!   delete), so a late 401 from a slow worker never discards the fleet's fresh token.
 //! - When Redis is down or slow, the cache fetches its own token (a `warn` event says so) and
@@ -26,8 +41,17 @@
 //! protects against readers of Redis, its snapshots, backups and replicas who lack the key, and
 //! against forged or swapped values (they fail to open and are ignored). It does not protect
 //! against a compromised worker, which holds the key and the token anyway, nor against
-//! deletion: someone who can delete keys can only make the fleet fetch more tokens. Expiries are
-//! exchanged as wall-clock times, so the workers' clocks must agree to within the refresh skew.
+//! deletion: someone who can delete keys, or write a value claiming a far-future issue time
+//! (which no publish then overwrites until its TTL ends), can only make the fleet fetch more
+//! tokens. Expiries and issue times are exchanged as wall-clock times, so the workers' clocks
+//! must agree to within the refresh skew.
+//!
+//! # Stored format
+//! The token key holds `tar1p <expiry> <issued> <secret>` (plain) or
+//! `tar1e <expiry> <issued> <nonce><sealed secret>` (sealed), times in Unix milliseconds, `0`
+//! for unknown. Both times stay in plain text so the publish script can compare issue times
+//! without the key; sealed, they are authenticated as associated data, so a changed time makes
+//! the value fail to open.
 //!
 //! ```no_run
 //! use tower_auth_refresh::redis_store::{EncryptionKey, RedisStore};
@@ -54,16 +78,28 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chacha20poly1305::aead::{Aead, Generate, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use futures::future::Either;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use crate::store::{FetchToken, RefreshRequest, StoreFuture, TokenStore};
 use crate::Token;
 
-/// Default lifetime of the lock a process holds while it fetches the fleet's token.
+/// Default lifetime of the lock a process holds while it fetches the fleet's token. The holder
+/// renews it every third of this while its provider call runs, so this bounds how long a dead
+/// holder blocks the others, not how long a provider may take.
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(10);
-/// Default longest wait for another process's token before fetching one locally.
-pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default longest wait for another process's token before fetching one locally: the cache's
+/// default refresh timeout ([`DEFAULT_REFRESH_TIMEOUT`](crate::cache::DEFAULT_REFRESH_TIMEOUT),
+/// the longest a healthy holder's provider call can take) plus one [`DEFAULT_LOCK_TTL`] (how
+/// long a cancelled holder's lock outlives it if Redis missed its release).
+///
+/// A waiter never fetches while a healthy holder may still deliver: with the defaults, its own
+/// refresh timeout ends the wait first. A dead holder stops renewing the lock, and the waiters
+/// take over within one lock TTL, well before this.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(
+    crate::cache::DEFAULT_REFRESH_TIMEOUT.as_secs() + DEFAULT_LOCK_TTL.as_secs(),
+);
 /// Default bound on one Redis command; past it, Redis counts as down for this refresh.
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default time a token without a known expiry stays shared (until a 401 removes it first).
@@ -82,6 +118,36 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
 end
 return 0
+";
+
+/// Extends the lock `KEYS[1]` to `ARGV[2]` ms only while `ARGV[1]` holds it: a holder renews
+/// its own lock, never one that expired and passed to someone else.
+const RENEW_LOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Publishes `ARGV[2]` as the token `KEYS[1]` for `ARGV[3]` ms, issued at `ARGV[4]` (Unix ms),
+/// by the owner `ARGV[1]` of the lock `KEYS[2]`. Answers `{1}` when stored, `{-1}` when another
+/// process holds the lock, `{0, stored}` when Redis holds a token issued at the same time or
+/// later (a stored value without a readable issue time counts as older). Checked and written in
+/// one step, so no other publish slips in between.
+const PUBLISH: &str = r"
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then
+    return {-1, false}
+end
+local stored = redis.call('GET', KEYS[1])
+if stored then
+    local issued = string.match(stored, '^tar1[pe] %d+ (%d+) ')
+    if issued and tonumber(issued) >= tonumber(ARGV[4]) then
+        return {0, stored}
+    end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return {1, false}
 ";
 
 /// A [`TokenStore`] that shares one token among every process using the same Redis namespace.
@@ -107,6 +173,8 @@ struct Inner {
     max_token_ttl: Duration,
     cipher: Option<XChaCha20Poly1305>,
     compare_and_delete: redis::Script,
+    renew_lock: redis::Script,
+    publish: redis::Script,
     stats: Counters,
 }
 
@@ -114,6 +182,7 @@ struct Inner {
 struct Counters {
     adopted: AtomicU64,
     published: AtomicU64,
+    not_published: AtomicU64,
     lock_waits: AtomicU64,
     withdrawn: AtomicU64,
     fallbacks: AtomicU64,
@@ -127,6 +196,9 @@ pub struct RedisStats {
     pub adopted: u64,
     /// Tokens this process fetched and published for the others.
     pub published: u64,
+    /// Tokens this process fetched but did not publish: Redis already held a newer one (which
+    /// this process then took instead), or another process had taken the lock over.
+    pub not_published: u64,
     /// Refreshes that found another process holding the lock and waited for its token.
     pub lock_waits: u64,
     /// Rejected tokens removed from Redis after a 401.
@@ -237,6 +309,7 @@ impl RedisStore {
         RedisStats {
             adopted: c.adopted.load(Ordering::Relaxed),
             published: c.published.load(Ordering::Relaxed),
+            not_published: c.not_published.load(Ordering::Relaxed),
             lock_waits: c.lock_waits.load(Ordering::Relaxed),
             withdrawn: c.withdrawn.load(Ordering::Relaxed),
             fallbacks: c.fallbacks.load(Ordering::Relaxed),
@@ -245,16 +318,20 @@ impl RedisStore {
 }
 
 impl RedisStoreBuilder {
-    /// How long the lock lives that a process takes while it fetches the fleet's token. If that
-    /// process dies, another takes over after this long. Keep it above the provider's usual
-    /// response time. Default: 10 seconds.
+    /// How long the lock lives that a process takes while it fetches the fleet's token. The
+    /// holder renews it every third of this while its provider call runs, so a slow provider
+    /// does not lose it; if the holder dies, another process takes over after at most this
+    /// long. Keep it well above a Redis round trip. Default: 10 seconds.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
         self.lock_ttl = ttl;
         self
     }
 
     /// How long a process waits for the token another process is fetching before it fetches
-    /// its own. Keep it below the cache's refresh timeout. Default: 15 seconds.
+    /// its own. Keep it above the cache's refresh timeout plus the lock TTL: a waiter that gives
+    /// up while the holder's provider call is still running makes a second token request, the
+    /// very thing this store prevents. Default: [`DEFAULT_WAIT_TIMEOUT`], 40 seconds (the
+    /// default refresh timeout of 30 seconds plus the default lock TTL).
     pub fn wait_timeout(mut self, wait: Duration) -> Self {
         self.wait_timeout = wait;
         self
@@ -307,6 +384,8 @@ impl RedisStoreBuilder {
                 max_token_ttl: self.max_token_ttl,
                 cipher,
                 compare_and_delete: redis::Script::new(COMPARE_AND_DELETE),
+                renew_lock: redis::Script::new(RENEW_LOCK),
+                publish: redis::Script::new(PUBLISH),
                 stats: Counters::default(),
             }),
         }
@@ -385,7 +464,7 @@ enum Outcome {
 
 impl Inner {
     async fn refresh(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         request: RefreshRequest,
         fetch: FetchToken,
     ) -> Result<Token, tower::BoxError> {
@@ -409,7 +488,7 @@ impl Inner {
     }
 
     async fn shared_refresh(
-        &self,
+        self: &Arc<Self>,
         request: &RefreshRequest,
         fetch: &FetchToken,
     ) -> Result<Outcome, Unavailable> {
@@ -438,7 +517,12 @@ impl Inner {
         let mut waited = false;
         loop {
             if self.try_lock(&owner).await? {
-                return Ok(self.fetch_and_publish(request, fetch, &owner).await);
+                let lock = HeldLock {
+                    inner: self.clone(),
+                    owner,
+                    released: false,
+                };
+                return Ok(self.fetch_and_publish(request, fetch, lock).await);
             }
             if !waited {
                 waited = true;
@@ -458,43 +542,115 @@ impl Inner {
         }
     }
 
-    /// Holding the lock: look once more, then fetch and publish. Past the provider call, a
-    /// Redis failure no longer matters to this process: it has its token.
+    /// Holding the lock: look once more, then fetch (renewing the lock meanwhile) and publish.
+    /// Past the provider call, a Redis failure no longer matters to this process: it has its
+    /// token.
     async fn fetch_and_publish(
         &self,
         request: &RefreshRequest,
         fetch: &FetchToken,
-        owner: &str,
+        lock: HeldLock,
     ) -> Outcome {
         let outcome = match self.read().await {
             Ok(Some(shared)) if request.accepts(&shared.token, Instant::now()) => {
                 Outcome::Adopted(shared.token)
             }
-            _ => {
-                let result = fetch.fetch().await;
-                if let Ok(token) = &result {
-                    match self.publish(token).await {
-                        Ok(()) => {
-                            self.stats.published.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(namespace = %self.namespace, "published a new shared token");
-                        }
-                        Err(error) => tracing::warn!(
-                            namespace = %self.namespace,
-                            reason = %error,
-                            "could not publish the new token; other processes will fetch their own"
-                        ),
-                    }
-                }
-                Outcome::Fetched(result)
-            }
+            _ => match self.fetch_holding(fetch, &lock.owner).await {
+                Ok(token) => self.share(request, token, &lock.owner).await,
+                Err(error) => Outcome::Fetched(Err(error)),
+            },
         };
+        lock.release().await;
+        outcome
+    }
+
+    /// Frees the lock if `owner` still holds it.
+    async fn release_lock(&self, owner: &str) {
         if let Err(error) = self
             .compare_and_delete(&self.lock_key, owner.as_bytes())
             .await
         {
             tracing::debug!(namespace = %self.namespace, reason = %error, "lock not released; it expires by itself");
         }
-        outcome
+    }
+
+    /// The provider call, with the lock renewed until it ends. Both run inside this future, so
+    /// nothing renews a lock after the refresh is over or cancelled.
+    async fn fetch_holding(
+        &self,
+        fetch: &FetchToken,
+        owner: &str,
+    ) -> Result<Token, tower::BoxError> {
+        let fetching = std::pin::pin!(fetch.fetch());
+        let renewing = std::pin::pin!(self.keep_lock(owner));
+        match futures::future::select(fetching, renewing).await {
+            Either::Left((result, _renewing)) => result,
+            Either::Right(((), fetching)) => fetching.await,
+        }
+    }
+
+    /// Renews the lock every third of its TTL; returns once it is lost, never otherwise. A
+    /// failed renewal is retried on the next tick: the lock may well still be held.
+    async fn keep_lock(&self, owner: &str) {
+        let every = (self.lock_ttl / 3).max(Duration::from_millis(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let mut renew = self.renew_lock.key(&self.lock_key);
+            renew.arg(owner).arg(millis(self.lock_ttl));
+            match self.invoke::<i64>(&renew).await {
+                Ok(1) => {}
+                Ok(_) => {
+                    tracing::warn!(
+                        namespace = %self.namespace,
+                        "lost the refresh lock while the provider was answering; \
+                         another process may fetch a token too"
+                    );
+                    return;
+                }
+                Err(error) => tracing::debug!(
+                    namespace = %self.namespace,
+                    reason = %error,
+                    "could not renew the refresh lock; trying again"
+                ),
+            }
+        }
+    }
+
+    /// Publish a token this process fetched, unless Redis already holds a newer one (then take
+    /// that one) or the lock passed to another process.
+    async fn share(&self, request: &RefreshRequest, token: Token, owner: &str) -> Outcome {
+        match self.publish(&token, owner).await {
+            Ok(Published::Stored) => {
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(namespace = %self.namespace, "published a new shared token");
+            }
+            Ok(Published::Expired) => {}
+            Ok(Published::Newer(raw)) => {
+                self.stats.not_published.fetch_add(1, Ordering::Relaxed);
+                if let Some(newer) = self.decode(&raw) {
+                    if request.accepts(&newer, Instant::now()) {
+                        tracing::debug!(
+                            namespace = %self.namespace,
+                            "another process published a newer token; using it instead"
+                        );
+                        return Outcome::Adopted(newer);
+                    }
+                }
+            }
+            Ok(Published::LockTaken) => {
+                self.stats.not_published.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    namespace = %self.namespace,
+                    "another process took the refresh lock over; not publishing this token"
+                );
+            }
+            Err(error) => tracing::warn!(
+                namespace = %self.namespace,
+                reason = %error,
+                "could not publish the new token; other processes will fetch their own"
+            ),
+        }
+        Outcome::Fetched(Ok(token))
     }
 
     async fn read(&self) -> Result<Option<Shared>, Unavailable> {
@@ -525,31 +681,41 @@ impl Inner {
         Ok(set.is_some())
     }
 
-    async fn publish(&self, token: &Token) -> Result<(), Unavailable> {
+    async fn publish(&self, token: &Token, owner: &str) -> Result<Published, Unavailable> {
         let ttl = match token.expires_at() {
             Some(at) => at.saturating_duration_since(Instant::now()),
             None => self.max_token_ttl,
         };
         if ttl.is_zero() {
-            return Ok(());
+            return Ok(Published::Expired);
         }
-        let value = self.encode(token);
-        let _: () = self
-            .run(
-                redis::cmd("SET")
-                    .arg(&self.token_key)
-                    .arg(value)
-                    .arg("PX")
-                    .arg(millis(ttl)),
-            )
-            .await?;
-        Ok(())
+        let times = Times::of(token);
+        let mut publish = self.publish.key(&self.token_key);
+        publish
+            .key(&self.lock_key)
+            .arg(owner)
+            .arg(self.encode_with(token, times))
+            .arg(millis(ttl))
+            .arg(times.issued_ms);
+        let (status, stored): (i64, Option<Vec<u8>>) = self.invoke(&publish).await?;
+        Ok(match status {
+            1 => Published::Stored,
+            0 => Published::Newer(stored.unwrap_or_default()),
+            _ => Published::LockTaken,
+        })
     }
 
     async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<i64, Unavailable> {
-        let mut connection = self.connection().await?;
         let mut invocation = self.compare_and_delete.key(key);
         invocation.arg(expected);
+        self.invoke(&invocation).await
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, Unavailable> {
+        let mut connection = self.connection().await?;
         match tokio::time::timeout(
             self.operation_timeout,
             invocation.invoke_async(&mut connection),
@@ -583,13 +749,15 @@ impl Inner {
 
     /// `tar1p <expiry> <issued> <secret>` or `tar1e <expiry> <issued> <nonce><sealed secret>`,
     /// times in Unix milliseconds, 0 for unknown. Sealed, the key's name and both times are
-    /// authenticated with the secret.
+    /// authenticated with the secret. The issue time stays readable: the publish script
+    /// compares it.
+    #[cfg(test)]
     fn encode(&self, token: &Token) -> Vec<u8> {
-        let times = format!(
-            "{} {}",
-            token.expires_at().map_or(0, wall_clock_millis),
-            token.issued_at().map_or(0, wall_clock_millis)
-        );
+        self.encode_with(token, Times::of(token))
+    }
+
+    fn encode_with(&self, token: &Token, times: Times) -> Vec<u8> {
+        let times = format!("{} {}", times.expiry_ms, times.issued_ms);
         let body = match &self.cipher {
             None => token.secret().as_bytes().to_vec(),
             Some(cipher) => {
@@ -650,6 +818,65 @@ impl Inner {
 
     fn associated_data(&self, times: &str) -> Vec<u8> {
         format!("{}\n{}", self.token_key, times).into_bytes()
+    }
+}
+
+/// What publishing came to.
+enum Published {
+    /// Stored for the fleet.
+    Stored,
+    /// Not stored: the token has already expired.
+    Expired,
+    /// Not stored: Redis holds a token issued at the same time or later (this value).
+    Newer(Vec<u8>),
+    /// Not stored: another process took the lock over.
+    LockTaken,
+}
+
+/// A token's expiry and issue time in Unix milliseconds, 0 for unknown: taken once, so the
+/// stored value and the issue time the publish script compares are the same.
+#[derive(Clone, Copy)]
+struct Times {
+    expiry_ms: u64,
+    issued_ms: u64,
+}
+
+impl Times {
+    fn of(token: &Token) -> Self {
+        Self {
+            expiry_ms: token.expires_at().map_or(0, wall_clock_millis),
+            issued_ms: token.issued_at().map_or(0, wall_clock_millis),
+        }
+    }
+}
+
+/// The refresh lock while this process holds it. Released on the way out; if the refresh is
+/// dropped first (the cache's refresh timeout cancelled it), released by a task of its own,
+/// one Redis command bounded by the operation timeout, so waiters need not wait for the lock's
+/// TTL to run out.
+struct HeldLock {
+    inner: Arc<Inner>,
+    owner: String,
+    released: bool,
+}
+
+impl HeldLock {
+    async fn release(mut self) {
+        self.released = true;
+        self.inner.release_lock(&self.owner).await;
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime: the lock expires by its TTL
+        };
+        let (inner, owner) = (self.inner.clone(), std::mem::take(&mut self.owner));
+        runtime.spawn(async move { inner.release_lock(&owner).await });
     }
 }
 

@@ -336,6 +336,15 @@ async fn run_fleet(
     results
 }
 
+/// Waits until the identity provider has received `n` token requests.
+async fn until_token_requests(idp: &IdentityProvider, n: usize) {
+    let waiting = Instant::now();
+    while idp.token_requests() < n {
+        assert!(waiting.elapsed() < PATIENCE, "token request {n} never came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// When each token was issued, earliest first (the identity provider's tokens live `ttl`).
 fn issue_times(registry: &TokenRegistry, ttl: Duration) -> Vec<Instant> {
     registry
@@ -680,4 +689,242 @@ async fn no_redis_at_start_is_a_warning_not_a_failure() {
         "{logged}"
     );
     assert!(!logged.contains(&token), "a token in the log: {logged}");
+}
+
+/// Four caches (as four processes would) need their first token at once from an identity
+/// provider that takes three times the lock's TTL to answer. The holder renews its lock while it
+/// waits, so the others keep waiting instead of taking the lock over: one token request for the
+/// fleet, and every cache ends with that one token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_slower_than_the_lock_ttl_is_called_once_for_the_fleet() {
+    const CACHES: usize = 4;
+    const LOCK_TTL: Duration = Duration::from_secs(1);
+    let redis = RedisServer::start();
+    let (_registry, idp, api) = servers(None).await;
+    idp.set_latency(LOCK_TTL * 3);
+    let stores: Vec<RedisStore> = (0..CACHES)
+        .map(|_| {
+            RedisStore::builder(&redis.url(), "tests")
+                .unwrap()
+                .lock_ttl(LOCK_TTL)
+                .build()
+        })
+        .collect();
+    let services: Vec<_> = stores
+        .iter()
+        .map(|store| {
+            service(
+                &TokenCache::builder(http_provider_at(idp.token_url()))
+                    .store(store.clone())
+                    .build(),
+            )
+        })
+        .collect();
+
+    let answers =
+        futures::future::join_all(services.iter().map(|service| whoami(service, &api))).await;
+
+    assert_eq!(idp.token_requests(), 1, "one token request for the fleet");
+    for (status, token) in &answers {
+        assert_eq!(*status, StatusCode::OK);
+        assert_eq!(token, "token-1", "every cache uses the one token");
+    }
+    let stats: Vec<RedisStats> = stores.iter().map(RedisStore::stats).collect();
+    let sum = |field: fn(&RedisStats) -> u64| stats.iter().map(field).sum::<u64>();
+    assert_eq!(sum(|s| s.published), 1);
+    assert_eq!(sum(|s| s.adopted), CACHES as u64 - 1);
+    assert_eq!(sum(|s| s.lock_waits), CACHES as u64 - 1);
+    assert_eq!(sum(|s| s.fallbacks), 0);
+    let stored = redis.command("GET tower-auth-refresh:tests:token").unwrap();
+    assert!(stored.contains("token-1"), "{stored}");
+    assert_eq!(
+        redis
+            .command("EXISTS tower-auth-refresh:tests:lock")
+            .as_deref(),
+        Some(":0"),
+        "the holder released its lock"
+    );
+}
+
+/// A's provider call is sent first but answers last; meanwhile its lock is lost (deleted, as a
+/// Redis failover can lose a key) and B fetches and publishes a newer token. A's late publish
+/// must not overwrite B's: Redis keeps B's token, A takes B's instead of its own, and a third
+/// cache that asks afterwards gets B's too. A's older token is used by no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_publish_never_overwrites_a_newer_token() {
+    let redis = RedisServer::start();
+    let (_registry, idp, api) = servers(None).await;
+    let stores = [store(&redis), store(&redis), store(&redis)];
+    let [a, b, c] = stores.clone().map(|store| {
+        service(
+            &TokenCache::builder(http_provider_at(idp.token_url()))
+                .store(store)
+                .build(),
+        )
+    });
+
+    // A takes the lock and asks the identity provider, which holds its answer for 2 s.
+    idp.set_latency(Duration::from_secs(2));
+    let late = {
+        let api_url = api.url("/whoami");
+        tokio::spawn(async move {
+            let request = Request::get(api_url).body(Empty::new()).unwrap();
+            let response = a.oneshot(request).await.expect("A's request failed");
+            (response.status(), body_string(response).await)
+        })
+    };
+    until_token_requests(&idp, 1).await;
+    idp.set_latency(Duration::ZERO);
+    assert_eq!(
+        redis
+            .command("DEL tower-auth-refresh:tests:lock")
+            .as_deref(),
+        Some(":1"),
+        "A held the lock"
+    );
+
+    // B finds no lock and no token: it fetches a newer token and publishes it.
+    let (status, newer) = whoami(&b, &api).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(newer, "token-2");
+    assert!(!late.is_finished(), "A's provider call was still running");
+
+    let (status, for_a) = tokio::time::timeout(PATIENCE, late)
+        .await
+        .expect("A's request hung")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let stored = redis.command("GET tower-auth-refresh:tests:token").unwrap();
+    assert!(
+        stored.contains("token-2") && !stored.contains("token-1"),
+        "Redis holds B's newer token: {stored}"
+    );
+    assert_eq!(for_a, "token-2", "A took B's newer token over its own");
+    let (_, for_c) = whoami(&c, &api).await;
+    assert_eq!(for_c, "token-2", "C took B's token");
+    assert_eq!(idp.token_requests(), 2);
+
+    let [a, b, c] = stores.map(|store| store.stats());
+    assert_eq!((a.published, a.not_published, a.adopted), (0, 1, 1));
+    assert_eq!((b.published, b.not_published, b.adopted), (1, 0, 0));
+    assert_eq!((c.published, c.adopted), (0, 1));
+}
+
+/// A holder whose refresh is cancelled by the cache's refresh timeout (its identity provider
+/// never answers) frees the lock at once rather than leaving it to its 30 s TTL: the next
+/// process fetches without waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cancelled_by_its_refresh_timeout_frees_the_lock() {
+    const LOCK_TTL: Duration = Duration::from_secs(30);
+    let redis = RedisServer::start();
+    let (_registry, idp, api) = servers(None).await;
+    let store = |redis: &RedisServer| {
+        RedisStore::builder(&redis.url(), "tests")
+            .unwrap()
+            .lock_ttl(LOCK_TTL)
+            .build()
+    };
+    let (holder, next) = (store(&redis), store(&redis));
+    idp.set_mode(IdpMode::Hang);
+    let cancelled = TokenCache::builder(http_provider_at(idp.token_url()))
+        .store(holder)
+        .refresh_timeout(Duration::from_millis(500))
+        .build();
+    let error = cancelled.token().await.unwrap_err();
+    assert!(
+        matches!(error, tower_auth_refresh::AuthError::RefreshTimeout { .. }),
+        "{error:?}"
+    );
+    idp.set_mode(IdpMode::Issue);
+
+    let freed = Instant::now();
+    while redis
+        .command("EXISTS tower-auth-refresh:tests:lock")
+        .as_deref()
+        != Some(":0")
+    {
+        assert!(
+            freed.elapsed() < LOCK_TTL / 3,
+            "the cancelled holder's lock is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cache = TokenCache::builder(http_provider_at(idp.token_url()))
+        .store(next.clone())
+        .build();
+    let (status, _) = whoami(&service(&cache), &api).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(idp.token_requests(), 2);
+    let stats = next.stats();
+    assert_eq!((stats.lock_waits, stats.published), (0, 1));
+}
+
+/// A's lock is lost while its provider call runs, and B takes the lock over and asks the
+/// identity provider too. A's answer arrives first: A uses its token but does not publish it,
+/// since B, holding the lock, will publish a newer one; the fleet then shares B's token only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_lock_was_taken_over_does_not_publish() {
+    let redis = RedisServer::start();
+    let (_registry, idp, api) = servers(None).await;
+    let stores = [store(&redis), store(&redis), store(&redis)];
+    let [a, b, c] = stores.clone().map(|store| {
+        service(
+            &TokenCache::builder(http_provider_at(idp.token_url()))
+                .store(store)
+                .build(),
+        )
+    });
+    let spawn_whoami = |service: AuthService<Client>| {
+        let api_url = api.url("/whoami");
+        tokio::spawn(async move {
+            let request = Request::get(api_url).body(Empty::new()).unwrap();
+            let response = service.oneshot(request).await.expect("a request failed");
+            (response.status(), body_string(response).await)
+        })
+    };
+
+    // A's answer comes after 1 s, B's (sent later) after 3 s.
+    idp.set_latency(Duration::from_secs(1));
+    let first = spawn_whoami(a);
+    until_token_requests(&idp, 1).await;
+    idp.set_latency(Duration::from_secs(3));
+    assert_eq!(
+        redis
+            .command("DEL tower-auth-refresh:tests:lock")
+            .as_deref(),
+        Some(":1"),
+        "A held the lock"
+    );
+    let second = spawn_whoami(b);
+    until_token_requests(&idp, 2).await;
+
+    let (status, for_a) = tokio::time::timeout(PATIENCE, first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((status, for_a.as_str()), (StatusCode::OK, "token-1"));
+    assert!(
+        !second.is_finished(),
+        "B was still fetching when A published"
+    );
+    assert_eq!(
+        redis
+            .command("EXISTS tower-auth-refresh:tests:token")
+            .as_deref(),
+        Some(":0"),
+        "A did not publish under B's lock"
+    );
+    let (status, for_b) = tokio::time::timeout(PATIENCE, second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((status, for_b.as_str()), (StatusCode::OK, "token-2"));
+    let (_, for_c) = whoami(&c, &api).await;
+    assert_eq!(for_c, "token-2", "the fleet shares B's token");
+    assert_eq!(idp.token_requests(), 2);
+
+    let [a, b, c] = stores.map(|store| store.stats());
+    assert_eq!((a.published, a.not_published, a.adopted), (0, 1, 0));
+    assert_eq!((b.published, b.not_published), (1, 0));
+    assert_eq!((c.published, c.adopted), (0, 1));
 }
