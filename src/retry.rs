@@ -9,6 +9,10 @@
 //! A request is retried only if its body can be sent again, through the same mechanism the
 //! auth layer replays with ([`ReplayableBody`]), and by default only for idempotent methods.
 //!
+//! Every request has its own attempt count, its own `max_elapsed` clock (started by its first
+//! attempt) and its own jitter, however the service is shared (cloned, or behind a `Buffer`):
+//! requests throttled together do not come back together.
+//!
 //! # Where it goes
 //! Either order works, with a different meaning:
 //! - **outside** the auth layer (`Retry -> AuthLayer -> client`, recommended): every attempt
@@ -91,21 +95,52 @@ impl ReplayableBody for Empty<Bytes> {
 
 /// Retries throttled requests, honouring `Retry-After`. See the [module docs](self).
 ///
-/// Cheap to clone; clones share the settings and the [`retries`](Self::retries) counter, and
-/// tower clones the policy once per request, so the attempt count is per request.
+/// Cheap to clone; clones share the settings and the counters
+/// ([`retries`](Self::retries), ...). What belongs to one request (attempts made, when its first
+/// attempt started, its jitter) is set afresh when tower hands the policy a new request.
 #[derive(Clone)]
 pub struct RetryPolicy {
     settings: Arc<Settings>,
+    request: RequestState,
+}
+
+/// What belongs to one request.
+#[derive(Clone, Copy)]
+struct RequestState {
     retries_made: u32,
     first_attempt_at: Option<Instant>,
+    /// The state of this request's jitter generator.
     jitter: u64,
 }
 
-/// The options, and the counters every clone shares.
+/// The options, and what every clone shares.
 struct Settings {
     options: RetryPolicyBuilder,
+    /// Random per policy; mixed with `requests` into each request's jitter seed.
+    seed: u64,
+    requests: AtomicU64,
     retries: AtomicU64,
     given_back: AtomicU64,
+}
+
+impl Settings {
+    /// A fresh, independent jitter seed for the next request.
+    fn next_seed(&self) -> u64 {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.seed ^ n.wrapping_mul(0xd1b5_4a32_d192_ed03);
+        // One SplitMix64 step scatters consecutive requests over the whole sequence, so no
+        // request's delays are another's, shifted.
+        splitmix64(&mut state)
+    }
+}
+
+/// SplitMix64: advance `state` and return the next value; any state (zero too) is fine.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl RetryPolicy {
@@ -136,27 +171,44 @@ impl RetryPolicy {
         self.settings.retries.load(Ordering::Relaxed)
     }
 
-    /// Responses handed back at once because their `Retry-After` was longer than
-    /// [`max_retry_after`](RetryPolicyBuilder::max_retry_after).
+    /// Responses handed back at once because the wait they asked for was longer than [`max_retry_after`](RetryPolicyBuilder::max_retry_after).
     pub fn given_back(&self) -> u64 {
         self.settings.given_back.load(Ordering::Relaxed)
     }
 
-    /// How long to wait before retry number `self.retries_made + 1` without a `Retry-After`:
+    /// A new request starts: its own attempt count, `max_elapsed` clock and jitter.
+    fn start_request(&mut self) {
+        self.request = RequestState {
+            retries_made: 0,
+            first_attempt_at: Some(Instant::now()),
+            jitter: self.settings.next_seed(),
+        };
+    }
+
+    /// How long to wait before retry number `retries_made + 1` without a `Retry-After`:
     /// full jitter over an exponential ceiling, `random(0 ..= min(max_delay, base * 2^n))`.
     fn backoff(&mut self) -> Duration {
         let options = &self.settings.options;
         let ceiling = options
             .base_delay
-            .saturating_mul(1u32 << self.retries_made.min(20))
+            .saturating_mul(1u32 << self.request.retries_made.min(20))
             .min(options.max_delay);
-        // xorshift64*: enough to spread clients apart, no dependency needed.
-        self.jitter ^= self.jitter >> 12;
-        self.jitter ^= self.jitter << 25;
-        self.jitter ^= self.jitter >> 27;
-        let random = self.jitter.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let random = splitmix64(&mut self.request.jitter);
         let fraction = (random >> 11) as f64 / (1u64 << 53) as f64;
         ceiling.mul_f64(fraction)
+    }
+
+    /// A wait the other side asked for, unless it is longer than the caller accepts.
+    fn asked_wait(&self, wait: Duration) -> Option<Duration> {
+        if wait > self.settings.options.max_retry_after {
+            self.settings.given_back.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                retry_after = ?wait,
+                "asked to wait longer than the longest accepted wait; giving up at once"
+            );
+            return None;
+        }
+        Some(wait)
     }
 
     /// The wait a response asks for, or `None` when it is not to be retried.
@@ -169,15 +221,7 @@ impl RetryPolicy {
             .get(RETRY_AFTER)
             .and_then(|value| crate::retry_after::parse(value, SystemTime::now()));
         match asked {
-            Some(wait) if wait > self.settings.options.max_retry_after => {
-                self.settings.given_back.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(
-                    retry_after = ?wait,
-                    "Retry-After longer than the longest accepted wait; returning the response"
-                );
-                None
-            }
-            Some(wait) => Some(wait),
+            Some(wait) => self.asked_wait(wait),
             None => Some(self.backoff()),
         }
     }
@@ -200,7 +244,8 @@ where
         request: &mut Request<B>,
         result: &mut Result<Response<ResBody>, E>,
     ) -> Option<Sleep> {
-        if self.retries_made >= self.settings.options.max_retries || !request.body().is_replayable()
+        if self.request.retries_made >= self.settings.options.max_retries
+            || !request.body().is_replayable()
         {
             return None;
         }
@@ -209,24 +254,31 @@ where
             Err(_) if self.settings.options.retry_errors => self.backoff(),
             Err(_) => return None,
         };
-        if let (Some(limit), Some(first)) =
-            (self.settings.options.max_elapsed, self.first_attempt_at)
-        {
+        if let (Some(limit), Some(first)) = (
+            self.settings.options.max_elapsed,
+            self.request.first_attempt_at,
+        ) {
             if first.elapsed().saturating_add(wait) > limit {
                 return None;
             }
         }
-        self.retries_made += 1;
+        self.request.retries_made += 1;
         self.settings.retries.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(retry = self.retries_made, wait = ?wait, "retrying throttled request");
+        tracing::debug!(retry = self.request.retries_made, wait = ?wait, "retrying throttled request");
         Some(tokio::time::sleep(wait))
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
+        // tower calls this first on the service's own policy (for every request the service
+        // takes), then clones that policy into the request's future, where later calls come
+        // after a retry. So "no retry made yet" means a new request: whatever it inherited from
+        // the previous one (its clock, its jitter) is reset here.
+        if self.request.retries_made == 0 {
+            self.start_request();
+        }
         if !self.settings.options.any_method && !is_idempotent(request.method()) {
             return None;
         }
-        self.first_attempt_at.get_or_insert_with(Instant::now);
         let body = request.body().try_clone_body()?;
         let mut clone = Request::new(body);
         *clone.method_mut() = request.method().clone();
@@ -298,8 +350,8 @@ impl RetryPolicyBuilder {
         self
     }
 
-    /// Do not retry once this much time has passed since the first attempt (counting the
-    /// coming wait). Default: no limit besides `max_retries`.
+    /// Do not retry once this much time has passed since the request's first attempt
+    /// (counting the coming wait). Default: no limit besides `max_retries`.
     pub fn max_elapsed(mut self, limit: Duration) -> Self {
         self.max_elapsed = Some(limit);
         self
@@ -324,15 +376,21 @@ impl RetryPolicyBuilder {
     pub fn build(self) -> RetryPolicy {
         let mut seed = RandomState::new().build_hasher();
         seed.write_u64(0x5eed);
+        let settings = Settings {
+            options: self,
+            seed: seed.finish(),
+            requests: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            given_back: AtomicU64::new(0),
+        };
+        let jitter = settings.next_seed();
         RetryPolicy {
-            settings: Arc::new(Settings {
-                options: self,
-                retries: AtomicU64::new(0),
-                given_back: AtomicU64::new(0),
-            }),
-            retries_made: 0,
-            first_attempt_at: None,
-            jitter: seed.finish() | 1,
+            settings: Arc::new(settings),
+            request: RequestState {
+                retries_made: 0,
+                first_attempt_at: None,
+                jitter,
+            },
         }
     }
 }
@@ -445,5 +503,40 @@ mod tests {
         assert!(policy
             .retry(&mut request, &mut throttled(Some("3")))
             .is_none());
+    }
+
+    /// What tower does for each request: `clone_request` on the service's own policy, then
+    /// the request's future gets a clone of it.
+    fn take_request(service_policy: &mut RetryPolicy) -> (RetryPolicy, Request<Empty<Bytes>>) {
+        let request = clone(service_policy, &get()).unwrap();
+        (service_policy.clone(), request)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_starts_its_own_clock() {
+        let mut service_policy = RetryPolicy::builder()
+            .max_elapsed(Duration::from_secs(10))
+            .build();
+        let (_first, _) = take_request(&mut service_policy);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let (mut second, mut request) = take_request(&mut service_policy);
+        let slept = wait(second.retry(&mut request, &mut throttled(Some("1"))));
+        assert_eq!(slept, Some(Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_draws_its_own_jitter() {
+        let ceiling = Duration::from_secs(60);
+        let mut service_policy = RetryPolicy::builder().backoff(ceiling, ceiling).build();
+        let mut waits: Vec<Duration> = (0..8)
+            .map(|_| {
+                let (mut policy, mut request) = take_request(&mut service_policy);
+                wait(policy.retry(&mut request, &mut throttled(None))).unwrap()
+            })
+            .collect();
+        assert!(waits.iter().all(|wait| *wait <= ceiling), "{waits:?}");
+        waits.sort();
+        waits.dedup();
+        assert_eq!(waits.len(), 8, "{waits:?}");
     }
 }

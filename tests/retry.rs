@@ -1,18 +1,25 @@
 //! `RetryPolicy` with `AuthLayer` on real loopback servers: in either order, honouring
 //! `Retry-After`, replaying bodies through the auth layer's recording, and keeping a job under an
-//! API's published limits so it never sees a 429.
+//! API's published limits so it never sees a 429. Each request has its own `max_elapsed` clock
+//! and its own jitter, even behind a `Buffer`.
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
 use futures::future::join_all;
-use http::{Request, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use tokio::time::advance;
+use hyper::body::Incoming;
+use tokio::task::yield_now;
+use tokio::time::{advance, Instant};
+use tower::buffer::Buffer;
 use tower::retry::RetryLayer;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::util::BoxCloneService;
+use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_auth_refresh::retry::RetryPolicy;
 use tower_auth_refresh::AuthLayer;
 
@@ -179,4 +186,165 @@ async fn rate_and_concurrency_limits_keep_a_job_under_published_limits() {
     assert_eq!(api.requests(), 60);
     assert!(api.max_in_flight() <= 4);
     assert!(elapsed >= Duration::from_millis(5 * 150), "{elapsed:?}");
+}
+
+/// Where the retry layer sits relative to the auth layer.
+#[derive(Clone, Copy, Debug)]
+enum Order {
+    RetryOutsideAuth,
+    RetryInsideAuth,
+}
+
+type Stack = BoxCloneService<Request<Full<Bytes>>, Response<Incoming>, BoxError>;
+
+/// `policy` and `auth` in `order` over a real client, and the number of requests that client
+/// was asked to send (counted as they go in, below both layers).
+fn stack(order: Order, policy: &RetryPolicy, auth: &AuthLayer) -> (Stack, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let http = ServiceBuilder::new()
+        .map_request(move |request| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            request
+        })
+        .service(client::<Full<Bytes>>());
+    let retry = RetryLayer::new(policy.clone());
+    let service = match order {
+        Order::RetryOutsideAuth => BoxCloneService::new(
+            ServiceBuilder::new()
+                .layer(retry)
+                .layer(auth.clone())
+                .service(http),
+        ),
+        Order::RetryInsideAuth => BoxCloneService::new(
+            ServiceBuilder::new()
+                .layer(auth.clone())
+                .layer(retry)
+                .service(http),
+        ),
+    };
+    (service, calls)
+}
+
+/// An idempotent request with a body, so that either order can send it again.
+fn put(api: &Api, body: &'static str) -> Request<Full<Bytes>> {
+    Request::put(api.url("/echo"))
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+async fn max_elapsed_counts_from_each_requests_first_attempt(order: Order) {
+    let _clock = manual_clock();
+    let (idp, api, _) = world().await;
+    let policy = RetryPolicy::builder()
+        .max_elapsed(Duration::from_secs(10))
+        .build();
+    let auth = AuthLayer::new(http_provider(&idp));
+    // tower's usual way to share a service: one retry service behind a buffer takes every
+    // request.
+    let service = Buffer::new(stack(order, &policy, &auth).0, 16);
+    let first = service.clone().oneshot(put(&api, "first")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+
+    // A minute later (six times max_elapsed after the first request), a throttled request.
+    advance(Duration::from_secs(60)).await;
+    api.set_retry_after("1");
+    api.throttle_next(1);
+    let pending = tokio::spawn(service.clone().oneshot(put(&api, "second")));
+    until(|| policy.retries() == 1 || pending.is_finished()).await;
+    assert_eq!(
+        policy.retries(),
+        1,
+        "{order:?}: the throttled request was not retried"
+    );
+    advance(Duration::from_secs(1)).await;
+
+    let response = pending.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body_string(response).await, "second");
+    assert_eq!((api.requests(), api.throttled(), api.served()), (3, 1, 2));
+    assert_eq!(idp.token_requests(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_elapsed_is_per_request_behind_a_buffer_with_retry_outside_auth() {
+    max_elapsed_counts_from_each_requests_first_attempt(Order::RetryOutsideAuth).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_elapsed_is_per_request_behind_a_buffer_with_retry_inside_auth() {
+    max_elapsed_counts_from_each_requests_first_attempt(Order::RetryInsideAuth).await;
+}
+
+async fn throttled_together_come_back_apart(order: Order) {
+    let _clock = manual_clock();
+    let (idp, api, _) = world().await;
+    // Full jitter over the first retry's ceiling: each request waits random(0 ..= 60 s).
+    let ceiling = Duration::from_secs(60);
+    let policy = RetryPolicy::builder()
+        .max_retries(1)
+        .backoff(ceiling, ceiling)
+        .build();
+    let auth = AuthLayer::new(http_provider(&idp));
+    let (service, calls) = stack(order, &policy, &auth);
+    let warm = service.clone().oneshot(put(&api, "warm")).await.unwrap();
+    assert_eq!(warm.status(), StatusCode::OK);
+
+    // 8 requests at once, all throttled without Retry-After.
+    api.set_retry_after("");
+    api.throttle_next(8);
+    let pending: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(service.clone().oneshot(put(&api, "page"))))
+        .collect();
+    until(|| policy.retries() == 8).await;
+    let throttled_at = Instant::now();
+    assert_eq!((api.requests(), api.throttled()), (1 + 8, 8));
+
+    // Move the clock 10 ms at a time; before the next step, every retry that came due has
+    // reached the server, so the server's clock reads the step it was sent in.
+    let step = Duration::from_millis(10);
+    while Instant::now() < throttled_at + ceiling {
+        advance(step).await;
+        for _ in 0..3 {
+            yield_now().await;
+        }
+        until(|| api.requests() == calls.load(Ordering::SeqCst)).await;
+    }
+    for pending in pending {
+        assert_eq!(pending.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!((api.requests(), policy.retries()), (1 + 8 + 8, 8));
+
+    let retried_at = api.arrivals()[1 + 8..].to_vec();
+    for at in &retried_at {
+        assert!(
+            *at >= throttled_at && *at <= throttled_at + ceiling,
+            "{order:?}: a retry {:?} after the 429, beyond the ceiling {ceiling:?}",
+            at.saturating_duration_since(throttled_at)
+        );
+    }
+    let mut instants = retried_at.clone();
+    instants.sort();
+    instants.dedup();
+    // Independent draws over 6000 steps: two of the eight share one about once in 200 runs,
+    // three or more practically never. Shared jitter sent all eight in the same step.
+    assert!(
+        instants.len() >= 7,
+        "{order:?}: the 8 retries arrived at only {} distinct instants: {:?}",
+        instants.len(),
+        retried_at
+            .iter()
+            .map(|at| at.saturating_duration_since(throttled_at))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_jitter_differs_per_request_with_retry_outside_auth() {
+    throttled_together_come_back_apart(Order::RetryOutsideAuth).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_jitter_differs_per_request_with_retry_inside_auth() {
+    throttled_together_come_back_apart(Order::RetryInsideAuth).await;
 }
