@@ -41,7 +41,9 @@
 //! assert_eq!(policy.retries(), 0);
 //! ```
 
+use std::any::Any;
 use std::collections::hash_map::RandomState;
+use std::error::Error as StdError;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +56,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Empty, Full};
 use tokio::time::{Instant, Sleep};
 use tower::retry::Policy;
+use tower::BoxError;
 
+use crate::error::AuthError;
 use crate::replay::ReplayBody;
 
 /// A request body that can be sent again.
@@ -171,7 +175,8 @@ impl RetryPolicy {
         self.settings.retries.load(Ordering::Relaxed)
     }
 
-    /// Responses handed back at once because the wait they asked for was longer than [`max_retry_after`](RetryPolicyBuilder::max_retry_after).
+    /// Responses (or errors) handed back at once because the wait they asked for was longer
+    /// than [`max_retry_after`](RetryPolicyBuilder::max_retry_after).
     pub fn given_back(&self) -> u64 {
         self.settings.given_back.load(Ordering::Relaxed)
     }
@@ -225,6 +230,26 @@ impl RetryPolicy {
             None => Some(self.backoff()),
         }
     }
+
+    /// The wait before retrying after the inner service failed (`retry_errors` is on).
+    ///
+    /// This crate's own errors are not retried blindly: they either say when a token may be
+    /// had again (a throttled token endpoint, a refresh backing off), which is honoured like a
+    /// `Retry-After`, or they are permanent (wrong client credentials, a redirecting endpoint)
+    /// and no wait would help.
+    fn wait_after_error(&mut self, error: &(dyn Any + 'static)) -> Option<Duration> {
+        let Some(auth) = auth_error_in(error) else {
+            return Some(self.backoff());
+        };
+        if is_permanent(auth) {
+            tracing::debug!(error = %auth, "not retrying: the token cannot be had by waiting");
+            return None;
+        }
+        match auth.retry_after() {
+            Some(wait) => self.asked_wait(wait),
+            None => Some(self.backoff()),
+        }
+    }
 }
 
 impl Default for RetryPolicy {
@@ -233,9 +258,52 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The [`AuthError`] an inner service failed with, if the error is one or wraps one.
+fn auth_error_in<'a>(error: &'a (dyn Any + 'static)) -> Option<&'a AuthError> {
+    if let Some(auth) = error.downcast_ref::<AuthError>() {
+        return Some(auth);
+    }
+    let boxed: &(dyn StdError + 'static) = &**error.downcast_ref::<BoxError>()?;
+    std::iter::successors(Some(boxed), |error| (*error).source())
+        .find_map(|error| error.downcast_ref::<AuthError>())
+}
+
+/// Whether waiting cannot help: the identity provider refused this client, or the
+/// configuration is wrong. Everything else is worth another attempt, because the token cache
+/// itself paces its calls to the identity provider (backoff, `Retry-After`).
+fn is_permanent(error: &AuthError) -> bool {
+    match error {
+        AuthError::Backoff { last_error, .. } => is_permanent(last_error),
+        AuthError::Refresh { .. }
+        | AuthError::RefreshTimeout { .. }
+        | AuthError::Throttled { .. }
+        | AuthError::Transport { .. } => false,
+        AuthError::TokenEndpoint(refused) => {
+            // RFC 6749 codes are the client's fault; some servers send the authorization
+            // endpoint's `server_error` / `temporarily_unavailable`, or a 5xx, for an outage.
+            !(refused.status.is_server_error()
+                || matches!(
+                    refused.code.as_str(),
+                    "server_error" | "temporarily_unavailable"
+                ))
+        }
+        // A proxy's error page is an outage; a 2xx that is not a token is a wrong endpoint.
+        AuthError::MalformedResponse { status, .. } => !status.is_server_error(),
+        AuthError::InvalidHeaderValue
+        | AuthError::ProviderPanicked
+        | AuthError::NoRuntime
+        | AuthError::UnsupportedTokenType { .. }
+        | AuthError::Redirected { .. }
+        | AuthError::InsecureUrl { .. }
+        | AuthError::Discovery { .. }
+        | AuthError::NoRefreshToken => true,
+    }
+}
+
 impl<B, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryPolicy
 where
     B: ReplayableBody,
+    E: 'static,
 {
     type Future = Sleep;
 
@@ -251,7 +319,7 @@ where
         }
         let wait = match result {
             Ok(response) => self.wait_for(response)?,
-            Err(_) if self.settings.options.retry_errors => self.backoff(),
+            Err(error) if self.settings.options.retry_errors => self.wait_after_error(error)?,
             Err(_) => return None,
         };
         if let (Some(limit), Some(first)) = (
@@ -332,6 +400,11 @@ impl RetryPolicyBuilder {
 
     /// Retry when the inner service fails (connection refused or reset, timeouts below the
     /// retry layer). Default: `false`.
+    ///
+    /// An [`AuthError`] from an [`AuthLayer`](crate::AuthLayer) below is retried only when
+    /// waiting can help: after the wait it names (a throttled token endpoint's `Retry-After`,
+    /// a refresh's backoff), within [`max_retry_after`](Self::max_retry_after); a permanent
+    /// refusal such as RFC 6749 `invalid_client` goes back at once.
     pub fn retry_errors(mut self, retry: bool) -> Self {
         self.retry_errors = retry;
         self
@@ -398,8 +471,8 @@ impl RetryPolicyBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{ErrorCode, TokenEndpointError};
     use http::HeaderValue;
-    use tower::BoxError;
 
     fn throttled(retry_after: Option<&str>) -> Result<Response<()>, BoxError> {
         let mut response = Response::new(());
@@ -538,5 +611,90 @@ mod tests {
         waits.sort();
         waits.dedup();
         assert_eq!(waits.len(), 8, "{waits:?}");
+    }
+
+    fn failed(error: AuthError) -> Result<Response<()>, BoxError> {
+        Err(Box::new(error))
+    }
+
+    fn invalid_client() -> AuthError {
+        AuthError::TokenEndpoint(TokenEndpointError {
+            status: StatusCode::UNAUTHORIZED,
+            code: ErrorCode::InvalidClient,
+            description: None,
+            uri: None,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn auth_errors_are_retried_only_when_waiting_can_help() {
+        let mut policy = RetryPolicy::builder()
+            .retry_errors(true)
+            .max_retries(10)
+            .build();
+        let mut request = clone(&mut policy, &get()).unwrap();
+
+        // Permanent: no wait brings a token.
+        assert!(policy
+            .retry(&mut request, &mut failed(invalid_client()))
+            .is_none());
+        let backing_off_after_refusal = AuthError::Backoff {
+            retry_in: Duration::from_secs(1),
+            last_error: Box::new(invalid_client()),
+        };
+        assert!(policy
+            .retry(&mut request, &mut failed(backing_off_after_refusal))
+            .is_none());
+        assert!(policy
+            .retry(&mut request, &mut failed(AuthError::NoRefreshToken))
+            .is_none());
+
+        // The wait it names, exactly, as a Retry-After.
+        let backoff = AuthError::Backoff {
+            retry_in: Duration::from_millis(1500),
+            last_error: Box::new(AuthError::RefreshTimeout {
+                timeout: Duration::from_secs(30),
+            }),
+        };
+        assert_eq!(
+            wait(policy.retry(&mut request, &mut failed(backoff))),
+            Some(Duration::from_millis(1500))
+        );
+        let throttled_endpoint = AuthError::Throttled {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        assert_eq!(
+            wait(policy.retry(&mut request, &mut failed(throttled_endpoint))),
+            Some(Duration::from_secs(2))
+        );
+        // Too long a wait goes back at once, as a response's would.
+        let quota = AuthError::Throttled {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            retry_after: Some(Duration::from_secs(6 * 3600)),
+        };
+        assert!(policy.retry(&mut request, &mut failed(quota)).is_none());
+        assert_eq!((policy.retries(), policy.given_back()), (2, 1));
+
+        // An AuthError wrapped by another layer is still recognised.
+        #[derive(Debug)]
+        struct Wrapped(AuthError);
+        impl fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl StdError for Wrapped {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let mut wrapped: Result<Response<()>, BoxError> = Err(Box::new(Wrapped(invalid_client())));
+        assert!(policy.retry(&mut request, &mut wrapped).is_none());
+        // An error of the inner service, typed or boxed, backs off as before.
+        let mut io: Result<Response<()>, std::io::Error> =
+            Err(std::io::ErrorKind::ConnectionReset.into());
+        assert!(policy.retry(&mut request, &mut io).is_some());
+        assert_eq!(policy.retries(), 3);
     }
 }

@@ -1,9 +1,12 @@
 //! `RetryPolicy` with `AuthLayer` on real loopback servers: in either order, honouring
 //! `Retry-After`, replaying bodies through the auth layer's recording, and keeping a job under an
 //! API's published limits so it never sees a 429. Each request has its own `max_elapsed` clock
-//! and its own jitter, even behind a `Buffer`.
+//! and its own jitter, even behind a `Buffer`; the auth layer's own errors are retried only
+//! when waiting can help.
 
 mod support;
+#[allow(dead_code)]
+mod token_server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,18 +17,22 @@ use futures::future::join_all;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use tokio::task::yield_now;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::task::{yield_now, JoinHandle};
 use tokio::time::{advance, Instant};
 use tower::buffer::Buffer;
 use tower::retry::RetryLayer;
 use tower::util::BoxCloneService;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower_auth_refresh::oauth2::{self, ClientCredentials};
 use tower_auth_refresh::retry::RetryPolicy;
-use tower_auth_refresh::AuthLayer;
+use tower_auth_refresh::{AuthError, AuthLayer, ErrorCode};
 
 use support::{
     body_string, client, http_provider, manual_clock, until, Api, IdentityProvider, TokenRegistry,
 };
+use token_server::{Fault, TokenServer, BASIC_ID, BASIC_SECRET};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -347,4 +354,95 @@ async fn full_jitter_differs_per_request_with_retry_outside_auth() {
 #[tokio::test(start_paused = true)]
 async fn full_jitter_differs_per_request_with_retry_inside_auth() {
     throttled_together_come_back_apart(Order::RetryInsideAuth).await;
+}
+
+fn http_transport() -> oauth2::HttpTransport {
+    oauth2::transport(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>())
+}
+
+/// Await `pending`, moving the clock `step` at a time whenever it waits on a timer.
+async fn finish<T: Send + 'static>(pending: JoinHandle<T>, step: Duration) -> T {
+    for _ in 0..10_000 {
+        for _ in 0..100 {
+            if pending.is_finished() {
+                return pending.await.unwrap();
+            }
+            yield_now().await;
+        }
+        advance(step).await;
+    }
+    panic!("the request never finished");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_the_token_endpoint_refuses_is_not_retried() {
+    let _clock = manual_clock();
+    let server = TokenServer::start().await;
+    let provider = ClientCredentials::builder(server.token_url(), BASIC_ID, "wrong-secret")
+        .transport(http_transport())
+        .build()
+        .unwrap();
+    let policy = RetryPolicy::builder().retry_errors(true).build();
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(policy.clone()))
+        .layer(AuthLayer::new(provider))
+        .service(client::<Empty<Bytes>>());
+
+    let request = Request::get(server.url("/api")).body(Empty::new()).unwrap();
+    let pending = tokio::spawn(service.oneshot(request));
+    let error = finish(pending, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(error.downcast_ref::<AuthError>(),
+            Some(AuthError::TokenEndpoint(refused)) if refused.code == ErrorCode::InvalidClient),
+        "{error:?}"
+    );
+    assert_eq!(
+        policy.retries(),
+        0,
+        "invalid_client is not worth waiting for"
+    );
+    assert_eq!(server.token_requests(), 1);
+    assert_eq!(server.api_requests(), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_token_endpoint_is_waited_for_as_long_as_it_asks() {
+    let _clock = manual_clock();
+    let server = TokenServer::start().await;
+    server.push_fault(Fault::TooManyRequests {
+        retry_after_secs: 2,
+    });
+    let provider = ClientCredentials::builder(server.token_url(), BASIC_ID, BASIC_SECRET)
+        .transport(http_transport())
+        .build()
+        .unwrap();
+    let policy = RetryPolicy::builder().retry_errors(true).build();
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(policy.clone()))
+        .layer(AuthLayer::new(provider))
+        .service(client::<Empty<Bytes>>());
+
+    let request = Request::get(server.url("/api")).body(Empty::new()).unwrap();
+    let pending = tokio::spawn(service.oneshot(request));
+    until(|| policy.retries() == 1 || pending.is_finished()).await;
+    assert_eq!((policy.retries(), server.token_requests()), (1, 1));
+
+    // Nothing more before the 2 s the token endpoint asked for...
+    advance(Duration::from_millis(1999)).await;
+    for _ in 0..1000 {
+        yield_now().await;
+    }
+    assert_eq!((policy.retries(), server.token_requests()), (1, 1));
+    assert!(!pending.is_finished());
+    // ... and then one retry, one token request, one API request.
+    advance(Duration::from_millis(1)).await;
+    until(|| pending.is_finished()).await;
+    let response = pending.await.unwrap().unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!((policy.retries(), server.token_requests()), (1, 2));
+    assert_eq!(server.api_requests(), (1, 0));
 }
