@@ -11,7 +11,9 @@
 //!
 //! Every request has its own attempt count, its own `max_elapsed` clock (started by its first
 //! attempt) and its own jitter, however the service is shared (cloned, or behind a `Buffer`):
-//! requests throttled together do not come back together.
+//! requests throttled together do not come back together. What all requests share is a retry
+//! budget ([`RetryPolicyBuilder::retry_budget`]): an API that answers everything with `503`
+//! sees a bounded fraction of extra requests, not every request times the attempt cap.
 //!
 //! # Where it goes
 //! Either order works, with a different meaning:
@@ -55,6 +57,7 @@ use http::header::RETRY_AFTER;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Empty, Full};
 use tokio::time::{Instant, Sleep};
+use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::Policy;
 use tower::BoxError;
 
@@ -99,7 +102,7 @@ impl ReplayableBody for Empty<Bytes> {
 
 /// Retries throttled requests, honouring `Retry-After`. See the [module docs](self).
 ///
-/// Cheap to clone; clones share the settings and the counters
+/// Cheap to clone; clones share the settings, the retry budget and the counters
 /// ([`retries`](Self::retries), ...). What belongs to one request (attempts made, when its first
 /// attempt started, its jitter) is set afresh when tower hands the policy a new request.
 #[derive(Clone)]
@@ -120,11 +123,13 @@ struct RequestState {
 /// The options, and what every clone shares.
 struct Settings {
     options: RetryPolicyBuilder,
+    budget: Option<Arc<dyn Budget + Send + Sync>>,
     /// Random per policy; mixed with `requests` into each request's jitter seed.
     seed: u64,
     requests: AtomicU64,
     retries: AtomicU64,
     given_back: AtomicU64,
+    over_budget: AtomicU64,
 }
 
 impl Settings {
@@ -167,6 +172,7 @@ impl RetryPolicy {
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(3 * 60),
+            budget: BudgetChoice::Default,
         }
     }
 
@@ -181,13 +187,22 @@ impl RetryPolicy {
         self.settings.given_back.load(Ordering::Relaxed)
     }
 
-    /// A new request starts: its own attempt count, `max_elapsed` clock and jitter.
+    /// Retries not made because the [retry budget](RetryPolicyBuilder::retry_budget) was spent.
+    pub fn over_budget(&self) -> u64 {
+        self.settings.over_budget.load(Ordering::Relaxed)
+    }
+
+    /// A new request starts: its own attempt count, `max_elapsed` clock and jitter, and a
+    /// deposit in the retry budget.
     fn start_request(&mut self) {
         self.request = RequestState {
             retries_made: 0,
             first_attempt_at: Some(Instant::now()),
             jitter: self.settings.next_seed(),
         };
+        if let Some(budget) = &self.settings.budget {
+            budget.deposit();
+        }
     }
 
     /// How long to wait before retry number `retries_made + 1` without a `Retry-After`:
@@ -330,6 +345,14 @@ where
                 return None;
             }
         }
+        // Last: a withdrawal is a retry made.
+        if let Some(budget) = &self.settings.budget {
+            if !budget.withdraw() {
+                self.settings.over_budget.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("not retrying: the retry budget is spent");
+                return None;
+            }
+        }
         self.request.retries_made += 1;
         self.settings.retries.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(retry = self.request.retries_made, wait = ?wait, "retrying throttled request");
@@ -371,6 +394,7 @@ impl fmt::Debug for RetryPolicy {
             .field("options", &self.settings.options)
             .field("retries", &self.retries())
             .field("given_back", &self.given_back())
+            .field("over_budget", &self.over_budget())
             .finish_non_exhaustive()
     }
 }
@@ -386,6 +410,26 @@ pub struct RetryPolicyBuilder {
     base_delay: Duration,
     max_delay: Duration,
     max_retry_after: Duration,
+    budget: BudgetChoice,
+}
+
+/// Which retry budget a built policy gets.
+#[derive(Clone)]
+enum BudgetChoice {
+    /// A fresh `TpsBudget::default()` per built policy.
+    Default,
+    Custom(Arc<dyn Budget + Send + Sync>),
+    Off,
+}
+
+impl fmt::Debug for BudgetChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BudgetChoice::Default => "TpsBudget::default()",
+            BudgetChoice::Custom(_) => "custom",
+            BudgetChoice::Off => "none",
+        })
+    }
 }
 
 impl RetryPolicyBuilder {
@@ -445,16 +489,45 @@ impl RetryPolicyBuilder {
         self
     }
 
+    /// Draw every retry from this budget, shared by all clones of the built policy: each
+    /// request deposits, each retry withdraws, and a retry the budget cannot pay for is not
+    /// made (the response goes back as it is). The attempt cap alone would let an API that
+    /// fails everything receive every request `1 + max_retries` times.
+    ///
+    /// Default: tower's `TpsBudget::default()`, that is `TpsBudget::new(10 s, 10, 0.2)`: over
+    /// any 10 s, retries of up to 20% of the requests made, plus a reserve of 10 per second
+    /// (100 per 10 s) so that a client sending few requests can still retry. Each built policy
+    /// gets its own default budget; a budget passed here (for example a [`TpsBudget`] with other
+    /// numbers) is shared by every policy built from this builder.
+    pub fn retry_budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
+        self.budget = BudgetChoice::Custom(Arc::new(budget));
+        self
+    }
+
+    /// No retry budget: every request may be retried up to [`max_retries`](Self::max_retries)
+    /// times, whatever the others do.
+    pub fn no_retry_budget(mut self) -> Self {
+        self.budget = BudgetChoice::Off;
+        self
+    }
+
     /// Build the policy.
     pub fn build(self) -> RetryPolicy {
         let mut seed = RandomState::new().build_hasher();
         seed.write_u64(0x5eed);
+        let budget: Option<Arc<dyn Budget + Send + Sync>> = match &self.budget {
+            BudgetChoice::Default => Some(Arc::new(TpsBudget::default())),
+            BudgetChoice::Custom(budget) => Some(budget.clone()),
+            BudgetChoice::Off => None,
+        };
         let settings = Settings {
             options: self,
+            budget,
             seed: seed.finish(),
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             given_back: AtomicU64::new(0),
+            over_budget: AtomicU64::new(0),
         };
         let jitter = settings.next_seed();
         RetryPolicy {
@@ -611,6 +684,36 @@ mod tests {
         waits.sort();
         waits.dedup();
         assert_eq!(waits.len(), 8, "{waits:?}");
+    }
+
+    /// Every request is throttled (no `Retry-After`) and tries `max_retries` times.
+    fn retries_of_a_failing_batch(policy: RetryPolicy, requests: usize) -> u64 {
+        let mut service_policy = policy.clone();
+        let mut sessions: Vec<_> = (0..requests)
+            .map(|_| take_request(&mut service_policy))
+            .collect();
+        for (policy, request) in &mut sessions {
+            while policy.retry(request, &mut throttled(None)).is_some() {}
+        }
+        policy.retries()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_default_budget_retries_a_fifth_of_the_requests_plus_a_reserve() {
+        // 10 s x 10/s = 100 retries of reserve, plus 200 / 5.
+        let policy = RetryPolicy::new();
+        assert_eq!(retries_of_a_failing_batch(policy.clone(), 200), 140);
+        // 46 requests retried 3 times and one twice; the other 153 were refused their first.
+        assert_eq!(policy.over_budget(), 1 + 153);
+
+        let unbounded = RetryPolicy::builder().no_retry_budget().build();
+        assert_eq!(retries_of_a_failing_batch(unbounded.clone(), 200), 600);
+        assert_eq!(unbounded.over_budget(), 0);
+
+        let strict = RetryPolicy::builder()
+            .retry_budget(TpsBudget::new(Duration::from_secs(1), 0, 0.5))
+            .build();
+        assert_eq!(retries_of_a_failing_batch(strict, 10), 5);
     }
 
     fn failed(error: AuthError) -> Result<Response<()>, BoxError> {

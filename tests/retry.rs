@@ -1,8 +1,8 @@
 //! `RetryPolicy` with `AuthLayer` on real loopback servers: in either order, honouring
 //! `Retry-After`, replaying bodies through the auth layer's recording, and keeping a job under an
 //! API's published limits so it never sees a 429. Each request has its own `max_elapsed` clock
-//! and its own jitter, even behind a `Buffer`; the auth layer's own errors are retried only
-//! when waiting can help.
+//! and its own jitter, even behind a `Buffer`; a retry budget bounds the load on an API that
+//! fails everything; the auth layer's own errors are retried only when waiting can help.
 
 mod support;
 #[allow(dead_code)]
@@ -22,6 +22,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::task::{yield_now, JoinHandle};
 use tokio::time::{advance, Instant};
 use tower::buffer::Buffer;
+use tower::retry::budget::TpsBudget;
 use tower::retry::RetryLayer;
 use tower::util::BoxCloneService;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
@@ -354,6 +355,34 @@ async fn full_jitter_differs_per_request_with_retry_outside_auth() {
 #[tokio::test(start_paused = true)]
 async fn full_jitter_differs_per_request_with_retry_inside_auth() {
     throttled_together_come_back_apart(Order::RetryInsideAuth).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_budget_bounds_the_load_of_an_api_that_fails_everything() {
+    let _clock = manual_clock();
+    let (idp, api, _) = world().await;
+    // A reserve of 10 retries (1 per second over 10 s) and one retry per 5 requests.
+    let policy = RetryPolicy::builder()
+        .backoff(Duration::ZERO, Duration::ZERO)
+        .retry_budget(TpsBudget::new(Duration::from_secs(10), 1, 0.2))
+        .build();
+    let auth = AuthLayer::new(http_provider(&idp));
+    let (service, calls) = stack(Order::RetryOutsideAuth, &policy, &auth);
+    api.set_throttle_status(StatusCode::SERVICE_UNAVAILABLE);
+    api.set_retry_after("");
+    api.throttle_every(1);
+
+    let requests = (0..20).map(|_| service.clone().oneshot(put(&api, "page")));
+    let responses = join_all(requests).await;
+
+    assert!(responses
+        .iter()
+        .all(|r| r.as_ref().unwrap().status() == StatusCode::SERVICE_UNAVAILABLE));
+    // 10 + 20 / 5 retries; the attempt cap alone would have allowed 20 * 3.
+    assert_eq!(policy.retries(), 14);
+    assert_eq!((api.requests(), api.throttled()), (20 + 14, 20 + 14));
+    assert_eq!(calls.load(Ordering::SeqCst), 34);
+    assert_eq!(idp.token_requests(), 1);
 }
 
 fn http_transport() -> oauth2::HttpTransport {
