@@ -212,7 +212,7 @@ pub struct ApiCounters {
     pub requests: AtomicUsize,
     /// Requests answered 401.
     pub rejected: AtomicUsize,
-    /// Requests answered 429.
+    /// Requests answered 429 (or 503, see [`Api::set_throttle_status`]).
     pub throttled: AtomicUsize,
     /// Requests that got a 200.
     pub served: AtomicUsize,
@@ -238,6 +238,10 @@ struct ApiState {
     rate_limit: Mutex<Option<RateWindow>>,
     /// A published limit of requests in flight at once (0: none), enforced with 429s.
     concurrency_limit: AtomicUsize,
+    /// The status throttled requests get (default 429).
+    throttle_status: Mutex<StatusCode>,
+    /// When each request arrived (test clock), in order.
+    arrivals: Mutex<Vec<Instant>>,
     /// Bytes of body a 401 for a missing, unknown or expired token carries (0: a short text).
     rejection_body: AtomicUsize,
 }
@@ -282,6 +286,8 @@ impl Api {
             rate_limit: Mutex::new(None),
             concurrency_limit: AtomicUsize::new(0),
             rejection_body: AtomicUsize::new(0),
+            throttle_status: Mutex::new(StatusCode::TOO_MANY_REQUESTS),
+            arrivals: Mutex::new(Vec::new()),
         });
         let handler_state = state.clone();
         let addr = serve(move |request| api_handle(handler_state.clone(), request)).await;
@@ -333,9 +339,19 @@ impl Api {
         *self.state.latency.lock().unwrap() = latency;
     }
 
-    /// The `Retry-After` value of the 429s (default `1`).
+    /// The `Retry-After` value of the 429s (default `1`); empty: no `Retry-After` at all.
     pub fn set_retry_after(&self, value: &str) {
         *self.state.retry_after.lock().unwrap() = value.to_owned();
+    }
+
+    /// Throttle with this status instead of 429 (503, say); counted as throttled all the same.
+    pub fn set_throttle_status(&self, status: StatusCode) {
+        *self.state.throttle_status.lock().unwrap() = status;
+    }
+
+    /// When each request arrived, on the test clock, in order of arrival.
+    pub fn arrivals(&self) -> Vec<Instant> {
+        self.state.arrivals.lock().unwrap().clone()
     }
 
     /// Answer every `n`-th request with 429 (0 turns it off).
@@ -388,6 +404,7 @@ async fn api_handle(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let counters = &state.counters;
+    state.arrivals.lock().unwrap().push(Instant::now());
     counters.requests.fetch_add(1, Ordering::SeqCst);
     if request.headers().contains_key(header::AUTHORIZATION) {
         counters.with_authorization.fetch_add(1, Ordering::SeqCst);
@@ -404,6 +421,7 @@ async fn api_handle(
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
     let counter = match response.status() {
         StatusCode::UNAUTHORIZED => &counters.rejected,
+        status if status == *state.throttle_status.lock().unwrap() => &counters.throttled,
         StatusCode::TOO_MANY_REQUESTS => &counters.throttled,
         _ => &counters.served,
     };
@@ -517,8 +535,12 @@ fn contacts_page(state: &ApiState, query: &str) -> Response<Full<Bytes>> {
 }
 
 fn too_many_requests(state: &ApiState) -> Response<Full<Bytes>> {
-    let mut response = respond(StatusCode::TOO_MANY_REQUESTS, "slow down");
+    let status = *state.throttle_status.lock().unwrap();
+    let mut response = respond(status, "slow down");
     let retry_after = state.retry_after.lock().unwrap().clone();
+    if retry_after.is_empty() {
+        return response;
+    }
     response.headers_mut().insert(
         header::RETRY_AFTER,
         header::HeaderValue::from_str(&retry_after).unwrap(),
