@@ -307,6 +307,7 @@ fn is_permanent(error: &AuthError) -> bool {
         AuthError::InvalidHeaderValue
         | AuthError::ProviderPanicked
         | AuthError::NoRuntime
+        | AuthError::NoTimer
         | AuthError::UnsupportedTokenType { .. }
         | AuthError::Redirected { .. }
         | AuthError::InsecureUrl { .. }
