@@ -4,6 +4,7 @@
 //! rejection) is one poll of the inner future with no allocation and no boxing.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -14,34 +15,39 @@ use tower_service::Service;
 
 use crate::cache::{Acquire, RefreshWait, Rejection};
 use crate::error::AuthError;
+use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::AuthSettings;
 use crate::replay::{ReplayBody, ReplayRequest};
 
 pin_project! {
     /// Response future of [`AuthService`](crate::AuthService).
-    pub struct ResponseFuture<S, B>
+    pub struct ResponseFuture<S, B, I = Unchanged>
     where
-        S: Service<Request<ReplayBody<B>>>,
+        I: IntoInnerBody<B>,
+        S: Service<Request<I::Body>>,
     {
         #[pin]
-        state: State<S::Future, B>,
+        state: State<S::Future, I::Body>,
         // The inner service, kept for the replay; it is polled ready again before it is called.
         service: Option<S>,
         replay: Option<ReplayRequest>,
         // The token generation the current attempt was sent with.
         generation: u64,
         settings: Option<Arc<AuthSettings>>,
+        // Turns the replay's `ReplayBody<B>` into the inner service's body type.
+        inner_body: I,
+        _body: PhantomData<fn(B)>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, B> {
+    enum State<F, R> {
         // The first attempt waits for a token.
         // Boxed: only the slow path needs it, and it would double the size of every future.
         WaitToken {
             wait: RefreshWait,
-            request: Option<Box<Request<ReplayBody<B>>>>,
+            request: Option<Box<Request<R>>>,
         },
         First {
             #[pin]
@@ -65,13 +71,14 @@ pin_project! {
     }
 }
 
-impl<S, B> ResponseFuture<S, B>
+impl<S, B, I> ResponseFuture<S, B, I>
 where
-    S: Service<Request<ReplayBody<B>>>,
+    I: IntoInnerBody<B>,
+    S: Service<Request<I::Body>>,
 {
     /// A request the layer leaves alone (it carried its own credential): only the inner future.
-    pub(crate) fn passthrough(future: S::Future) -> Self {
-        Self::new(State::First { future }, None, None, 0, None)
+    pub(crate) fn passthrough(future: S::Future, inner_body: I) -> Self {
+        Self::new(State::First { future }, None, None, 0, None, inner_body)
     }
 
     /// The first attempt is under way. Without `replay`, a rejection still invalidates the
@@ -82,6 +89,7 @@ where
         replay: Option<ReplayRequest>,
         generation: u64,
         settings: Arc<AuthSettings>,
+        inner_body: I,
     ) -> Self {
         Self::new(
             State::First { future },
@@ -89,34 +97,37 @@ where
             replay,
             generation,
             Some(settings),
+            inner_body,
         )
     }
 
     pub(crate) fn waiting_for_token(
         wait: RefreshWait,
-        request: Request<ReplayBody<B>>,
+        request: Request<I::Body>,
         service: S,
         replay: Option<ReplayRequest>,
         settings: Arc<AuthSettings>,
+        inner_body: I,
     ) -> Self {
         let state = State::WaitToken {
             wait,
             request: Some(Box::new(request)),
         };
-        Self::new(state, Some(service), replay, 0, Some(settings))
+        Self::new(state, Some(service), replay, 0, Some(settings), inner_body)
     }
 
-    pub(crate) fn failed(error: AuthError) -> Self {
+    pub(crate) fn failed(error: AuthError, inner_body: I) -> Self {
         let state = State::Failed { error: Some(error) };
-        Self::new(state, None, None, 0, None)
+        Self::new(state, None, None, 0, None, inner_body)
     }
 
     fn new(
-        state: State<S::Future, B>,
+        state: State<S::Future, I::Body>,
         service: Option<S>,
         replay: Option<ReplayRequest>,
         generation: u64,
         settings: Option<Arc<AuthSettings>>,
+        inner_body: I,
     ) -> Self {
         Self {
             state,
@@ -124,13 +135,16 @@ where
             replay,
             generation,
             settings,
+            inner_body,
+            _body: PhantomData,
         }
     }
 }
 
-impl<S, B, ResBody> Future for ResponseFuture<S, B>
+impl<S, B, I, ResBody> Future for ResponseFuture<S, B, I>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>>,
+    I: IntoInnerBody<B>,
+    S: Service<Request<I::Body>, Response = Response<ResBody>>,
     S::Error: Into<tower::BoxError>,
 {
     type Output = Result<Response<ResBody>, tower::BoxError>;
@@ -216,7 +230,8 @@ where
                     };
                     settings.cache.record_replay();
                     tracing::debug!("token rejected; replaying the request with a new token");
-                    let future = service.call(request);
+                    let request: Request<ReplayBody<B>> = request;
+                    let future = service.call(request.map(|body| this.inner_body.convert(body)));
                     this.state.set(State::Replay { future });
                 }
                 StateProj::Replay { future } => {

@@ -10,6 +10,7 @@ use http::{request, HeaderMap, HeaderName, StatusCode};
 use tower_layer::Layer;
 
 use crate::cache::{TokenCache, TokenCacheBuilder};
+use crate::inner_body::Unchanged;
 use crate::origin::Origin;
 use crate::predicate::{self, RejectionPredicate, ReplayPredicate};
 use crate::provider::TokenProvider;
@@ -49,8 +50,9 @@ use crate::service::AuthService;
 /// # }).unwrap();
 /// ```
 #[derive(Clone)]
-pub struct AuthLayer {
+pub struct AuthLayer<I = Unchanged> {
     settings: Arc<AuthSettings>,
+    inner_body: I,
 }
 
 /// What to do with a request that already carries the authorization header.
@@ -76,7 +78,7 @@ pub(crate) struct AuthSettings {
     pub(crate) origins: Option<Vec<Origin>>,
 }
 
-impl AuthLayer {
+impl AuthLayer<Unchanged> {
     /// A layer with a new cache over `provider` and every option at its default.
     pub fn new(provider: impl TokenProvider) -> Self {
         Self::builder(provider).build()
@@ -96,22 +98,24 @@ impl AuthLayer {
     pub fn builder_with_cache(cache: TokenCache) -> AuthLayerBuilder<TokenCache> {
         AuthLayerBuilder::new(cache)
     }
+}
 
+impl<I> AuthLayer<I> {
     /// The cache this layer reads tokens from.
     pub fn cache(&self) -> &TokenCache {
         &self.settings.cache
     }
 }
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
+impl<S, I: Clone> Layer<S> for AuthLayer<I> {
+    type Service = AuthService<S, I>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AuthService::new(inner, self.settings.clone())
+        AuthService::new(inner, self.settings.clone(), self.inner_body.clone())
     }
 }
 
-impl fmt::Debug for AuthLayer {
+impl<I> fmt::Debug for AuthLayer<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthLayer")
             .field("settings", &self.settings)
@@ -150,8 +154,9 @@ impl fmt::Debug for AuthSettings {
 ///     .build();
 /// # drop(layer);
 /// ```
-pub struct AuthLayerBuilder<C> {
+pub struct AuthLayerBuilder<C, I = Unchanged> {
     cache: C,
+    inner_body: I,
     header_name: HeaderName,
     max_replay_body: usize,
     rejected: Box<RejectionPredicate>,
@@ -164,12 +169,33 @@ impl<C> AuthLayerBuilder<C> {
     fn new(cache: C) -> Self {
         Self {
             cache,
+            inner_body: Unchanged,
             header_name: AUTHORIZATION,
             max_replay_body: DEFAULT_MAX_REPLAY_BODY,
             rejected: Box::new(predicate::unauthorized),
             replay_if: None,
             existing: ExistingAuthorization::Keep,
             origins: None,
+        }
+    }
+}
+
+impl<C, I> AuthLayerBuilder<C, I> {
+    /// Hand the inner service the body type it accepts, by naming the conversion once:
+    /// [`inner_body::Boxed`](crate::inner_body::Boxed) for a client of `BoxBody<Bytes, BoxError>`,
+    /// [`inner_body::UnsyncBoxed`](crate::inner_body::UnsyncBoxed), or a closure `|body: ReplayBody<B>| ...`. See the
+    /// [`inner_body`](crate::inner_body) module. Default: [`Unchanged`], the inner service
+    /// receives [`ReplayBody<B>`](crate::ReplayBody).
+    pub fn inner_body<I2>(self, conversion: I2) -> AuthLayerBuilder<C, I2> {
+        AuthLayerBuilder {
+            cache: self.cache,
+            inner_body: conversion,
+            header_name: self.header_name,
+            max_replay_body: self.max_replay_body,
+            rejected: self.rejected,
+            replay_if: self.replay_if,
+            existing: self.existing,
+            origins: self.origins,
         }
     }
 
@@ -231,8 +257,9 @@ impl<C> AuthLayerBuilder<C> {
         self
     }
 
-    fn finish(self, into_cache: impl FnOnce(C) -> TokenCache) -> AuthLayer {
+    fn finish(self, into_cache: impl FnOnce(C) -> TokenCache) -> AuthLayer<I> {
         AuthLayer {
+            inner_body: self.inner_body,
             settings: Arc::new(AuthSettings {
                 cache: into_cache(self.cache),
                 header_name: self.header_name,
@@ -246,7 +273,7 @@ impl<C> AuthLayerBuilder<C> {
     }
 }
 
-impl AuthLayerBuilder<TokenCacheBuilder> {
+impl<I> AuthLayerBuilder<TokenCacheBuilder, I> {
     /// See [`TokenCacheBuilder::refresh_skew`]. Default: 60 seconds.
     pub fn refresh_skew(mut self, skew: Duration) -> Self {
         self.cache = self.cache.refresh_skew(skew);
@@ -291,19 +318,19 @@ impl AuthLayerBuilder<TokenCacheBuilder> {
     }
 
     /// Build the layer and its new cache.
-    pub fn build(self) -> AuthLayer {
+    pub fn build(self) -> AuthLayer<I> {
         self.finish(TokenCacheBuilder::build)
     }
 }
 
-impl AuthLayerBuilder<TokenCache> {
+impl<I> AuthLayerBuilder<TokenCache, I> {
     /// Build the layer over the existing cache.
-    pub fn build(self) -> AuthLayer {
+    pub fn build(self) -> AuthLayer<I> {
         self.finish(|cache| cache)
     }
 }
 
-impl<C: fmt::Debug> fmt::Debug for AuthLayerBuilder<C> {
+impl<C: fmt::Debug, I> fmt::Debug for AuthLayerBuilder<C, I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthLayerBuilder")
             .field("cache", &self.cache)

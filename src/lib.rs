@@ -43,6 +43,7 @@
 pub mod cache;
 pub mod error;
 mod future;
+pub mod inner_body;
 pub mod layer;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;

@@ -13,6 +13,7 @@ use tower_service::Service;
 
 use crate::cache::Acquire;
 use crate::future::ResponseFuture;
+use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::{AuthSettings, ExistingAuthorization};
 use crate::origin::Origin;
 use crate::replay::{ReplayBody, ReplayRequest};
@@ -21,14 +22,19 @@ use crate::replay::{ReplayBody, ReplayRequest};
 ///
 /// `poll_ready` is the inner service's: a replay waits for the inner service to be ready again,
 /// so rate-limit and concurrency-limit layers below keep their promise on replays too.
-pub struct AuthService<S> {
+pub struct AuthService<S, I = Unchanged> {
     inner: S,
     settings: Arc<AuthSettings>,
+    inner_body: I,
 }
 
-impl<S> AuthService<S> {
-    pub(crate) fn new(inner: S, settings: Arc<AuthSettings>) -> Self {
-        Self { inner, settings }
+impl<S, I> AuthService<S, I> {
+    pub(crate) fn new(inner: S, settings: Arc<AuthSettings>, inner_body: I) -> Self {
+        Self {
+            inner,
+            settings,
+            inner_body,
+        }
     }
 
     /// The wrapped service.
@@ -47,16 +53,17 @@ impl<S> AuthService<S> {
     }
 }
 
-impl<S: Clone> Clone for AuthService<S> {
+impl<S: Clone, I: Clone> Clone for AuthService<S, I> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             settings: self.settings.clone(),
+            inner_body: self.inner_body.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for AuthService<S> {
+impl<S: fmt::Debug, I> fmt::Debug for AuthService<S, I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthService")
             .field("inner", &self.inner)
@@ -65,15 +72,16 @@ impl<S: fmt::Debug> fmt::Debug for AuthService<S> {
     }
 }
 
-impl<S, B, ResBody> Service<Request<B>> for AuthService<S>
+impl<S, I, B, ResBody> Service<Request<B>> for AuthService<S, I>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
+    I: IntoInnerBody<B>,
+    S: Service<Request<I::Body>, Response = Response<ResBody>> + Clone,
     S::Error: Into<tower::BoxError>,
     B: Body<Data = Bytes>,
 {
     type Response = Response<ResBody>;
     type Error = tower::BoxError;
-    type Future = ResponseFuture<S, B>;
+    type Future = ResponseFuture<S, B, I>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -87,8 +95,9 @@ where
         if let Some(origins) = &settings.origins {
             let allowed = Origin::of(&parts.uri).is_some_and(|origin| origins.contains(&origin));
             if !allowed {
-                let request = Request::from_parts(parts, ReplayBody::passthrough(body));
-                return ResponseFuture::passthrough(self.inner.call(request));
+                let body = self.inner_body.convert(ReplayBody::passthrough(body));
+                let future = self.inner.call(Request::from_parts(parts, body));
+                return ResponseFuture::passthrough(future, self.inner_body.clone());
             }
         }
 
@@ -96,8 +105,9 @@ where
         // goes.
         let acquired = match parts.headers.entry(&settings.header_name) {
             Entry::Occupied(_) if settings.existing == ExistingAuthorization::Keep => {
-                let request = Request::from_parts(parts, ReplayBody::passthrough(body));
-                return ResponseFuture::passthrough(self.inner.call(request));
+                let body = self.inner_body.convert(ReplayBody::passthrough(body));
+                let future = self.inner.call(Request::from_parts(parts, body));
+                return ResponseFuture::passthrough(future, self.inner_body.clone());
             }
             entry => match settings.cache.acquire() {
                 Acquire::Ready(credential) => {
@@ -113,7 +123,9 @@ where
                 }
                 Acquire::Wait(wait) => Err(wait),
                 // The ready inner service stays here, reserved for the next call.
-                Acquire::Failed(error) => return ResponseFuture::failed(error),
+                Acquire::Failed(error) => {
+                    return ResponseFuture::failed(error, self.inner_body.clone())
+                }
             },
         };
 
@@ -129,7 +141,7 @@ where
         } else {
             None
         };
-        let request = Request::from_parts(parts, body);
+        let request = Request::from_parts(parts, self.inner_body.convert(body));
 
         match acquired {
             Ok(generation) => {
@@ -146,6 +158,7 @@ where
                     replay,
                     generation,
                     self.settings.clone(),
+                    self.inner_body.clone(),
                 )
             }
             Err(wait) => ResponseFuture::waiting_for_token(
@@ -154,12 +167,13 @@ where
                 self.take_ready_service(),
                 replay,
                 self.settings.clone(),
+                self.inner_body.clone(),
             ),
         }
     }
 }
 
-impl<S: Clone> AuthService<S> {
+impl<S: Clone, I> AuthService<S, I> {
     fn take_ready_service(&mut self) -> S {
         let clone = self.inner.clone();
         mem::replace(&mut self.inner, clone)
