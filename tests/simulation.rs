@@ -156,6 +156,26 @@ pub enum Step {
     NewService { builder: bool },
     /// Read `layer.cache().stats()` and the `Debug` of layer and cache.
     Stats,
+    /// Start `count` GETs, each after the previous one finished (`sequential`) or all at once.
+    Burst { count: usize, sequential: bool },
+    /// Time passes until just before or after a point in the life of the cache's current token
+    /// (nothing happens without one, or if the point has passed): where the windows change.
+    SleepTo {
+        point: Point,
+        after: bool,
+        offset: Duration,
+    },
+}
+
+/// A point in the life of a token, as the cache places it.
+#[derive(Clone, Copy, Debug)]
+pub enum Point {
+    /// Start of the advisory window (one background refresh).
+    Advisory,
+    /// Start of the mandatory window (the skew buffer: requests wait).
+    Stale,
+    /// The expiry itself.
+    Expiry,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -761,6 +781,40 @@ impl Sim {
                 };
                 self.services.push(service);
             }
+            Step::Burst { count, sequential } => {
+                for i in 0..*count {
+                    self.start_request(i, i % 2 == 0, None);
+                    if *sequential {
+                        settle().await;
+                    }
+                }
+            }
+            Step::SleepTo {
+                point,
+                after,
+                offset,
+            } => {
+                let stats = self.layer.cache().stats();
+                if let (Some(left), Some(age)) = (stats.expires_in, stats.token_age) {
+                    let lifetime = age + left;
+                    let before_expiry = match point {
+                        Point::Advisory => effective_advisory(lifetime),
+                        Point::Stale => effective_skew(lifetime),
+                        Point::Expiry => Duration::ZERO,
+                    };
+                    let until_point = left.checked_sub(before_expiry);
+                    let wait = until_point.and_then(|until| {
+                        if *after {
+                            until.checked_add(*offset)
+                        } else {
+                            until.checked_sub(*offset)
+                        }
+                    });
+                    if let Some(wait) = wait.filter(|wait| !wait.is_zero()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
             Step::Stats => {
                 let stats = self.layer.cache().stats();
                 let shown = format!("{:?} {:?} {stats:?}", self.layer, self.layer.cache());
@@ -865,8 +919,10 @@ impl Sim {
             }
             if let Err(error) = handle.await {
                 if error.is_panic() {
-                    self.world
-                        .violation("d", format!("request {id} panicked: {}", panic_text(error)));
+                    self.world.violation(
+                        "d-panic",
+                        format!("request {id} panicked: {}", panic_text(error)),
+                    );
                 }
             }
         }
@@ -882,16 +938,16 @@ impl Sim {
             .body(Full::default())
             .unwrap_or_default();
         let attempt = tokio::spawn(tokio::time::timeout(MINUTE, service.oneshot(request)));
-        let message = match attempt.await {
-            Ok(Ok(Ok(response))) if response.status() == StatusCode::OK => None,
-            Ok(Ok(Ok(response))) => Some(format!("got {}", response.status())),
-            Ok(Ok(Err(error))) => Some(format!("failed: {error}")),
-            Ok(Err(_elapsed)) => Some("still pending after a minute".to_owned()),
-            Err(error) => Some(format!("panicked: {}", panic_text(error))),
+        let (label, message) = match attempt.await {
+            Ok(Ok(Ok(response))) if response.status() == StatusCode::OK => ("d", None),
+            Ok(Ok(Ok(response))) => ("d", Some(format!("got {}", response.status()))),
+            Ok(Ok(Err(error))) => ("d", Some(format!("failed: {error}"))),
+            Ok(Err(_elapsed)) => ("d", Some("still pending after a minute".to_owned())),
+            Err(error) => ("d-panic", Some(format!("panicked: {}", panic_text(error)))),
         };
         if let Some(message) = message {
             self.world.violation(
-                "d",
+                label,
                 format!("after recovery, a new request {message} (the cache is wedged)"),
             );
         }
@@ -1113,6 +1169,14 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0usize..4).prop_map(Step::DropService),
         1 => any::<bool>().prop_map(|builder| Step::NewService { builder }),
         1 => Just(Step::Stats),
+        2 => (1usize..20, any::<bool>())
+            .prop_map(|(count, sequential)| Step::Burst { count, sequential }),
+        4 => (
+            prop_oneof![Just(Point::Advisory), Just(Point::Stale), Just(Point::Expiry)],
+            any::<bool>(),
+            (1u64..2_000).prop_map(Duration::from_millis),
+        )
+            .prop_map(|(point, after, offset)| Step::SleepTo { point, after, offset }),
     ]
 }
 
