@@ -968,45 +968,64 @@ fn panic_text(error: tokio::task::JoinError) -> String {
 }
 
 /// Invariants b, b2 and g for a request refused with `error`, at the instant it is refused.
-fn check_refusal(world: &Shared, cache: &tower_auth_refresh::TokenCache, id: usize, error: &AuthError) {
+fn check_refusal(
+    world: &Shared,
+    cache: &tower_auth_refresh::TokenCache,
+    id: usize,
+    error: &AuthError,
+) {
     let stats = cache.stats();
+    let now = Instant::now();
     let mut w = world.lock();
-    if let Some(generation) = stats.generation {
-        match stats.expires_in {
+    // The token the cache should hold, from what the provider handed out: the last one issued
+    // alive, if no 401 invalidated a token since (a 401 for an older token is absorbed, not
+    // counted as an invalidation). Failed refreshes never displace it.
+    let held = w.calls.iter().rev().find_map(|call| match call.ended {
+        Some((ended, CallEnd::Token(expires_at))) if expires_at.is_none_or(|at| at > ended) => {
+            Some((call.at, expires_at, call.invalidations_at_end))
+        }
+        _ => None,
+    });
+    let held = held.filter(|(_, _, at_end)| *at_end == Some(stats.invalidations));
+    let cache_view = match stats.generation {
+        Some(generation) => format!("the cache holds token {generation}"),
+        None => "the cache holds no token".to_owned(),
+    };
+    if let Some((issued, expires_at, _)) = held {
+        match expires_at {
             None => push(
                 &mut w,
                 "b",
                 format!(
-                    "request {id} refused ({error}) while token {generation} (no expiry) is \
-                     current"
+                    "request {id} refused ({error}) while a token without expiry is valid and                      was never rejected ({cache_view})"
                 ),
             ),
-            Some(left) => {
-                let lifetime = stats.token_age.unwrap_or_default() + left;
-                if left > effective_skew(lifetime) {
+            Some(expires_at) if expires_at > now => {
+                let left = expires_at - now;
+                let skew = effective_skew(expires_at - issued);
+                if left > skew {
                     push(
                         &mut w,
                         "b",
                         format!(
-                            "request {id} refused ({error}) while token {generation} is valid \
-                             for {left:?} more, outside its {:?} skew buffer",
-                            effective_skew(lifetime)
+                            "request {id} refused ({error}) while the token is valid for \
+                             {left:?} more, outside its {skew:?} skew buffer ({cache_view})"
                         ),
                     );
-                } else if !left.is_zero()
-                    && matches!(error, AuthError::Backoff { .. })
+                } else if matches!(error, AuthError::Backoff { .. })
                     && w.calls.last().is_some_and(|c| c.background)
                 {
                     push(
                         &mut w,
                         "b2",
                         format!(
-                            "request {id} refused ({error}) while token {generation} is still \
-                             valid for {left:?}, because a background refresh failed"
+                            "request {id} refused ({error}) while the token is still valid for \
+                             {left:?}, because a background refresh failed ({cache_view})"
                         ),
                     );
                 }
             }
+            Some(_) => {}
         }
     }
     if matches!(error, AuthError::Backoff { .. }) {
