@@ -36,7 +36,7 @@
 //!   401 invalidated the token since the last call finished. Calls whose only reason is a 401
 //!   number at most `60 s / REJECTION_INTERVAL + 2` in any minute, plus one per revocation,
 //!   switch to "401 to everything" and token that expired on its way to the API in that minute.
-//!   So in any window `W`: calls <= 1 + tokens reaching their advisory point in `W` +
+//!   (Label `c-401` for that rate, `c` for the rest.) So in any window `W`: calls <= 1 + tokens reaching their advisory point in `W` +
 //!   `W / BACKOFF_INITIAL` + 1 + `(W / 1 min + 1) * (60 s / REJECTION_INTERVAL + 2)` + excused
 //!   401s; with the API refusing everything, at most `60 s / REJECTION_INTERVAL + 2` calls a
 //!   minute come from the 401s.
@@ -185,7 +185,9 @@ pub enum Point {
 enum CallEnd {
     /// A token, with its expiry (`None`: none).
     Token(Option<Instant>),
-    Failed { retry_after: Option<Duration> },
+    Failed {
+        retry_after: Option<Duration>,
+    },
     Panicked,
     /// Dropped before it finished (the refresh timeout).
     Cancelled,
@@ -203,14 +205,30 @@ struct Call {
     rejection_driven: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Req {
+    started: Instant,
+    /// Clock jumps while it was pending: time in which it could not make progress.
+    jumped: Duration,
     /// Tokens the layer handed to the inner service, in order.
     attempts: Vec<String>,
     /// What the API answered to each attempt that reached its handler.
     statuses: Vec<StatusCode>,
     outcome: Option<String>,
     dropped: bool,
+}
+
+impl Req {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            jumped: Duration::ZERO,
+            attempts: Vec::new(),
+            statuses: Vec::new(),
+            outcome: None,
+            dropped: false,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -439,7 +457,8 @@ fn check_call_reason(w: &mut World, now: Instant, invalidations: u64) -> bool {
         }
         CallEnd::Failed { retry_after } => Some(
             ended
-                + BACKOFF_INITIAL.max(retry_after.map_or(Duration::ZERO, |r| r.min(MAX_RETRY_AFTER))),
+                + BACKOFF_INITIAL
+                    .max(retry_after.map_or(Duration::ZERO, |r| r.min(MAX_RETRY_AFTER))),
         ),
     };
     let due = due_at.is_some_and(|due_at| now >= due_at);
@@ -451,9 +470,14 @@ fn check_call_reason(w: &mut World, now: Instant, invalidations: u64) -> bool {
             w,
             "c",
             format!(
-                "a provider call without a reason: the last call ended {:?} ago as {end:?}, next \
-                 due {}, and no 401 invalidated a token since",
+                "a provider call without a reason: the last call ended {:?} ago ({}), next due \
+                 {}, and no 401 invalidated a token since",
                 now - ended,
+                match end {
+                    CallEnd::Token(Some(at)) => format!("a token living {:?}", at - previous.at),
+                    CallEnd::Token(None) => "a token without expiry".to_owned(),
+                    other => format!("{other:?}"),
+                },
                 match due_at {
                     Some(due_at) => format!("in {:?}", due_at - now),
                     None => "never (no expiry)".to_owned(),
@@ -476,7 +500,7 @@ fn check_call_reason(w: &mut World, now: Instant, invalidations: u64) -> bool {
     if driven > bound {
         push(
             w,
-            "c",
+            "c-401",
             format!(
                 "{driven} provider calls caused only by 401s within a minute (bound {bound}: \
                  60 s / {REJECTION_INTERVAL:?} + 2 + {excused} excused 401s)"
@@ -675,7 +699,7 @@ impl Sim {
         let mut service = self.service(service);
         let id = {
             let mut w = self.world.lock();
-            w.requests.push(Req::default());
+            w.requests.push(Req::new());
             w.requests.len() - 1
         };
         let request = match post {
@@ -736,7 +760,14 @@ impl Sim {
             } => self.start_request(*service, *oneshot, Some(*len)),
             Step::Settle => {}
             Step::Sleep(duration) => tokio::time::sleep(*duration).await,
-            Step::Jump(duration) => tokio::time::advance(*duration).await,
+            Step::Jump(duration) => {
+                for req in &mut self.world.lock().requests {
+                    if req.outcome.is_none() {
+                        req.jumped += *duration;
+                    }
+                }
+                tokio::time::advance(*duration).await;
+            }
             Step::Provider(mode) => self.world.lock().mode = Some(mode.clone()),
             Step::Revoke => {
                 let mut w = self.world.lock();
@@ -881,6 +912,31 @@ impl Sim {
         for problem in problems {
             push(&mut w, "e", problem);
         }
+        // A request waits for at most two refreshes (first attempt and replay), each bounded by
+        // the refresh timeout; the API answers at once.
+        let now = Instant::now();
+        let bound = 2 * REFRESH_TIMEOUT + Duration::from_millis(1);
+        let late: Vec<usize> = (0..w.requests.len())
+            .filter(|&id| {
+                let req = &w.requests[id];
+                let running = self
+                    .handles
+                    .get(id)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|handle| !handle.is_finished());
+                running
+                    && req.outcome.is_none()
+                    && (now - req.started).saturating_sub(req.jumped) > bound
+            })
+            .collect();
+        for id in late {
+            let waited = (now - w.requests[id].started).saturating_sub(w.requests[id].jumped);
+            push(
+                &mut w,
+                "d",
+                format!("request {id} still pending {waited:?} after it started (bound {bound:?})"),
+            );
+        }
     }
 
     /// Invariant h for the log, once per case (the whole capture).
@@ -930,7 +986,7 @@ impl Sim {
         let service = self.service(0);
         let id = {
             let mut w = self.world.lock();
-            w.requests.push(Req::default());
+            w.requests.push(Req::new());
             w.requests.len() - 1
         };
         let request = Request::get("/items")
@@ -1244,4 +1300,80 @@ fn simulation() {
         }
         Err(error) => panic!("{error}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shrunk schedules of the bugs the simulation found on the code it was written against,
+// kept as named cases so a fix is checked against exactly them.
+
+fn assert_clean(steps: &[Step]) {
+    let violations = run_schedule(steps);
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+fn get() -> Step {
+    Step::Get {
+        service: 0,
+        oneshot: false,
+    }
+}
+
+/// Issue 1: with the API refusing every token, each request invalidated the token fetched for
+/// the previous one: 10 sequential requests cost 11 token requests.
+#[test]
+fn found_every_401_costs_a_token_request() {
+    assert_clean(&[
+        Step::RejectAll(true),
+        Step::Burst {
+            count: 10,
+            sequential: true,
+        },
+    ]);
+}
+
+/// Issue 6: a provider call that panics when the refresh timeout drops it poisons the shared
+/// refresh; the waiting request and every later one panic.
+#[test]
+fn found_a_panic_in_the_refresh_path_wedges_the_cache() {
+    assert_clean(&[
+        get(),
+        Step::Provider(Mode::PanicOnDrop),
+        Step::Revoke,
+        get(),
+    ]);
+}
+
+/// Issue 7: a throttled background refresh (Retry-After 600 s) makes requests fail with
+/// `Backoff` in the skew buffer although the token is valid for another minute.
+#[test]
+fn found_a_failed_background_refresh_refuses_a_valid_token() {
+    assert_clean(&[
+        get(),
+        Step::SleepTo {
+            point: Point::Stale,
+            after: false,
+            offset: Duration::from_millis(1),
+        },
+        Step::Provider(Mode::Throttled {
+            retry_after: Duration::from_secs(600),
+        }),
+        get(),
+        Step::Sleep(Duration::from_millis(1)),
+        get(),
+    ]);
+}
+
+/// Issue 7: a 401 during the backoff of a failed background refresh gets the old error, no
+/// refresh attempt, although the identity provider may have recovered.
+#[test]
+fn found_a_401_during_backoff_gets_no_refresh() {
+    assert_clean(&[
+        get(),
+        Step::Provider(Mode::Fail {
+            delay: Duration::ZERO,
+        }),
+        Step::Revoke,
+        Step::Jump(Duration::from_secs(3300)),
+        get(),
+    ]);
 }
