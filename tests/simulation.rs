@@ -22,29 +22,30 @@
 //! # Invariants, checked after every step
 //! - **a. no expired token is sent**: when the layer calls the inner service, the token's
 //!   server-side expiry has not passed (a revoked token may be sent until a 401 says so).
-//! - **b. no valid token refused**: a request that ends in an [`AuthError`] while the cache's
-//!   current token is valid and outside its mandatory window (`now < expiry - skew`, the skew
-//!   capped at a quarter of the lifetime) is a violation.
+//! - **b. no valid token refused**: a request that ends in an [`AuthError`] while the token the
+//!   provider last issued, which no 401 has invalidated since, is valid and outside its
+//!   mandatory window (`now < expiry - skew`, the skew capped at a quarter of the lifetime),
+//!   whatever the cache says it holds: a failed refresh must not displace it.
 //! - **b2. static stability** (the google-cloud-auth lesson, issue 7): a request refused with
-//!   [`AuthError::Backoff`] while the current token has not expired, when that backoff comes from
-//!   a failed *background* (advisory-window) refresh. Set `SIM_SKIP=b2` if the agreed contract
+//!   [`AuthError::Backoff`] while that token has not expired, when the backoff comes from a
+//!   failed *background* (advisory-window) refresh. Set `SIM_SKIP=b2` if the agreed contract
 //!   lets the skew buffer refuse a still-valid token.
 //! - **c. provider calls are bounded**. Calls never overlap, and every call has a reason: it is
 //!   the first; or the last token reached its advisory point (`expiry - advisory`, the window
 //!   capped at half the lifetime and at least the skew); or the last call failed and its backoff
 //!   (at least `BACKOFF_INITIAL`, at least the `Retry-After` up to 15 minutes) has passed; or a
-//!   401 invalidated the token since the last call finished. Calls whose only reason is a 401
-//!   number at most `60 s / REJECTION_INTERVAL + 2` in any minute, plus one per revocation,
-//!   switch to "401 to everything" and token that expired on its way to the API in that minute.
-//!   (Label `c-401` for that rate, `c` for the rest.) So in any window `W`: calls <= 1 + tokens reaching their advisory point in `W` +
-//!   `W / BACKOFF_INITIAL` + 1 + `(W / 1 min + 1) * (60 s / REJECTION_INTERVAL + 2)` + excused
-//!   401s; with the API refusing everything, at most `60 s / REJECTION_INTERVAL + 2` calls a
-//!   minute come from the 401s.
+//!   401 invalidated the token since the last call finished. Label `c-401`: calls whose only
+//!   reason is a 401 number at most `60 s / REJECTION_INTERVAL + 2` (8) in any minute, plus one
+//!   per revocation, switch to "401 to everything" and token that expired on its way to the API
+//!   in that minute. So in any window `W` the calls are at most 1 + the tokens reaching their
+//!   advisory point in `W` + `W / BACKOFF_INITIAL + 1` + `(W / 1 min + 1) * 8` + excused 401s;
+//!   with the API refusing everything, 401s cause at most 8 calls a minute.
 //! - **g. a 401 gets one refresh attempt**: a request refused with [`AuthError::Backoff`] after a
 //!   401 invalidated the token and before any provider call was made since (issue 7).
-//! - **d. liveness**: at the end the provider recovers, the clock passes every timeout, backoff
-//!   and hang, and then every request that was not dropped has completed, none panicked, and one
-//!   more request gets a 200.
+//! - **d. liveness**: no request waits longer than two refresh timeouts (one for its first
+//!   attempt, one for its replay; clock jumps not counted). At the end the provider recovers,
+//!   the clock passes every timeout, backoff and hang, and then every request that was not
+//!   dropped has completed and one more request gets a 200. Label `d-panic`: a request panicked.
 //! - **e. counters add up**: `stats().token_requests` equals the provider calls the script saw;
 //!   `stats().replays` equals the second attempts that reached the API; no request reaches the
 //!   API more than twice, and only after its first attempt was answered 401; invalidations plus
@@ -58,7 +59,10 @@
 //! `SIM_SKIP=b2,g` leaves out the invariants it names (labels above) to look past a known
 //! failure; a failing case prints its shrunk schedule.
 //!
-//! A schedule can be replayed by hand with [`run_schedule`] in a `#[test]`.
+//! A schedule can be replayed by hand with [`run_schedule`] in a `#[test]`; the `found_*` tests
+//! at the end are the shrunk schedules of the bugs the simulation found (issues 1, 6 and 7).
+//! `REJECTION_INTERVAL` is the rate limit of 401-driven refreshes the bound of invariant c
+//! assumes; align it with the cache's once that limit exists.
 
 mod support;
 
