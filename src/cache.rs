@@ -125,8 +125,8 @@ struct CacheShared {
 
 #[derive(Default)]
 struct RefreshState {
-    /// The running refresh and the generation its token will have.
-    in_flight: Option<(u64, RefreshFuture)>,
+    /// The running refresh, if any.
+    in_flight: Option<InFlight>,
     /// After a failure: no provider call before this instant.
     retry_at: Option<Instant>,
     next_backoff: Duration,
@@ -137,6 +137,18 @@ struct RefreshState {
 
 type RefreshOutcome = Result<Arc<Entry>, AuthError>;
 type RefreshFuture = Shared<Pin<Box<dyn Future<Output = RefreshOutcome> + Send>>>;
+/// One timer for all the requests waiting on a refresh.
+type Deadline = Shared<Pin<Box<tokio::time::Sleep>>>;
+
+/// The single running refresh.
+struct InFlight {
+    /// The generation its token will have.
+    generation: u64,
+    refresh: RefreshFuture,
+    /// Requests wait until here at most; the provider call may run on for one more timeout.
+    deadline: Deadline,
+    deadline_at: Instant,
+}
 
 /// A token as the cache holds it: with the header value built once, and its refresh deadlines.
 pub(crate) struct Entry {
@@ -252,6 +264,7 @@ pub(crate) enum Acquire {
 /// Waits for the in-flight refresh. Dropping it does not cancel the refresh.
 pub(crate) struct RefreshWait {
     refresh: RefreshFuture,
+    deadline: Deadline,
     cache: Arc<CacheShared>,
 }
 
@@ -259,17 +272,24 @@ impl Future for RefreshWait {
     type Output = Result<Credential, AuthError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match ready!(self.refresh.poll_unpin(cx)) {
-            Ok(entry) => Poll::Ready(Ok(entry.credential())),
-            // A failed refresh never displaces a token that has not expired yet: it is sent
-            // until it does, whatever the refresh did.
-            Err(error) => Poll::Ready(
-                self.cache
-                    .still_usable(Instant::now())
-                    .map(|entry| entry.credential())
-                    .ok_or(error),
-            ),
-        }
+        let error = match self.refresh.poll_unpin(cx) {
+            Poll::Ready(Ok(entry)) => return Poll::Ready(Ok(entry.credential())),
+            Poll::Ready(Err(error)) => error,
+            Poll::Pending => {
+                ready!(self.deadline.poll_unpin(cx));
+                AuthError::RefreshTimeout {
+                    timeout: self.cache.config.refresh_timeout,
+                }
+            }
+        };
+        // A failed or slow refresh never displaces a token that has not expired yet: it is
+        // sent until it does, whatever the refresh did.
+        Poll::Ready(
+            self.cache
+                .still_usable(Instant::now())
+                .map(|entry| entry.credential())
+                .ok_or(error),
+        )
     }
 }
 
@@ -482,8 +502,18 @@ impl TokenCache {
                 return Acquire::Ready(entry.credential());
             }
         }
-        if let Some((_, refresh)) = &state.in_flight {
-            return Acquire::Wait(self.wait(refresh.clone()));
+        if let Some(in_flight) = &state.in_flight {
+            if now < in_flight.deadline_at {
+                return Acquire::Wait(self.wait(in_flight));
+            }
+            // The provider call runs past the timeout: nobody waits for it any more, and no
+            // second call starts while it runs (a refresh-token grant must not race itself).
+            if let Some(entry) = self.shared.still_usable(now) {
+                return Acquire::Ready(entry.credential());
+            }
+            return Acquire::Failed(AuthError::RefreshTimeout {
+                timeout: self.shared.config.refresh_timeout,
+            });
         }
         if let Some(error) = backoff_error(&state, now) {
             // Backing off, but the token has not expired yet: it is still good to send.
@@ -494,14 +524,15 @@ impl TokenCache {
             return Acquire::Failed(error);
         }
         match self.start_refresh(&mut state) {
-            Ok(refresh) => Acquire::Wait(self.wait(refresh)),
+            Ok(in_flight) => Acquire::Wait(self.wait(in_flight)),
             Err(error) => Acquire::Failed(error),
         }
     }
 
-    fn wait(&self, refresh: RefreshFuture) -> RefreshWait {
+    fn wait(&self, in_flight: &InFlight) -> RefreshWait {
         RefreshWait {
-            refresh,
+            refresh: in_flight.refresh.clone(),
+            deadline: in_flight.deadline.clone(),
             cache: self.shared.clone(),
         }
     }
@@ -624,7 +655,7 @@ impl TokenCache {
     }
 
     /// Start the single refresh. The caller holds the state lock and checked that none runs.
-    fn start_refresh(&self, state: &mut RefreshState) -> Result<RefreshFuture, AuthError> {
+    fn start_refresh<'s>(&self, state: &'s mut RefreshState) -> Result<&'s InFlight, AuthError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
         let shared = &self.shared;
         let timeout = shared.config.refresh_timeout;
@@ -634,6 +665,7 @@ impl TokenCache {
             .map_err(|_| AuthError::NoTimer)?;
         shared.refreshing.store(true, Ordering::Relaxed);
         let requested_at = Instant::now();
+        let deadline_at = deadline.deadline();
         let skew = shared.config.refresh_skew;
         let after_rejection = state.rejected.is_some();
         let request = match state.rejected.take() {
@@ -660,7 +692,7 @@ impl TokenCache {
         let fetch_and_install = async move {
             let outcome = match fetch {
                 Err(_panic) => Err(AuthError::ProviderPanicked),
-                Ok(fetch) => call_provider(&spawner, fetch, deadline, timeout).await,
+                Ok(fetch) => call_provider(&spawner, fetch, timeout).await,
             };
             finish_refresh(weak, outcome, requested_at, generation, after_rejection)
         };
@@ -682,43 +714,41 @@ impl TokenCache {
             .boxed()
             .shared();
 
-        state.in_flight = Some((generation, refresh.clone()));
         // The refresh runs on its own task: dropping the request that started it, or every
         // request that waits for it, does not cancel it.
         runtime.spawn(refresh.clone());
-        Ok(refresh)
+        Ok(state.in_flight.insert(InFlight {
+            generation,
+            refresh,
+            deadline: deadline.shared(),
+            deadline_at,
+        }))
     }
 }
 
-/// One provider call (through the store), bounded by the refresh timeout.
+/// One provider call (through the store).
 ///
-/// The call runs on a task of its own. When the timeout elapses, the waiting requests get
-/// [`AuthError::RefreshTimeout`], but the call is not dropped mid-way: it may finish for up to
-/// one more timeout, so that a token response already on its way is still read, and a rotated
-/// refresh token in it is kept by its grant. Its token is not used. A panicking provider is a
-/// typed error, not a panic in the caller.
+/// Requests wait for it up to the refresh timeout (see [`RefreshWait`]); the call itself may run
+/// for one more timeout, so that a token response already on its way is still read (a rotated
+/// refresh token in it is kept by its grant) and its token used, and then it is cancelled. It
+/// runs on a task of its own, so a provider that panics, even when dropped, is a typed error.
 async fn call_provider(
     runtime: &tokio::runtime::Handle,
     fetch: StoreFuture,
-    deadline: Pin<Box<tokio::time::Sleep>>,
     timeout: Duration,
 ) -> Result<Token, AuthError> {
-    let grace = timeout.saturating_mul(2);
-    let call = runtime.spawn(async move { tokio::time::timeout(grace, fetch).await });
-    match futures::future::select(call, deadline).await {
-        futures::future::Either::Left((joined, _)) => match joined {
-            Ok(Ok(Ok(token))) => Ok(token),
-            Ok(Ok(Err(error))) => Err(AuthError::refresh(error)),
-            Ok(Err(_elapsed)) => Err(AuthError::RefreshTimeout { timeout }),
-            Err(join) if join.is_panic() => Err(AuthError::ProviderPanicked),
-            Err(_cancelled) => Err(AuthError::refresh(
-                "the token request was cancelled: the runtime is shutting down",
-            )),
-        },
-        // Dropping the join handle detaches the call; its own bound ends it.
-        futures::future::Either::Right(((), _detached)) => {
-            Err(AuthError::RefreshTimeout { timeout })
-        }
+    let bound = timeout.saturating_mul(2);
+    match runtime
+        .spawn(async move { tokio::time::timeout(bound, fetch).await })
+        .await
+    {
+        Ok(Ok(Ok(token))) => Ok(token),
+        Ok(Ok(Err(error))) => Err(AuthError::refresh(error)),
+        Ok(Err(_elapsed)) => Err(AuthError::RefreshTimeout { timeout }),
+        Err(join) if join.is_panic() => Err(AuthError::ProviderPanicked),
+        Err(_cancelled) => Err(AuthError::refresh(
+            "the token request was cancelled: the runtime is shutting down",
+        )),
     }
 }
 
@@ -741,7 +771,7 @@ impl CacheShared {
         if state
             .in_flight
             .as_ref()
-            .is_some_and(|(running, _)| *running == generation)
+            .is_some_and(|running| running.generation == generation)
         {
             state.in_flight = None;
             state.retry_at = Instant::now().checked_add(self.config.backoff_initial);
@@ -793,7 +823,7 @@ fn finish_refresh(
     if state
         .in_flight
         .as_ref()
-        .is_some_and(|(running, _)| *running == generation)
+        .is_some_and(|running| running.generation == generation)
     {
         state.in_flight = None;
     }
@@ -890,8 +920,14 @@ impl TokenCacheBuilder {
         self
     }
 
-    /// Give up on a provider call after this long; waiting requests get
-    /// [`AuthError::RefreshTimeout`]. Default: 30 seconds.
+    /// Requests wait at most this long for a provider call; then they get
+    /// [`AuthError::RefreshTimeout`] (or the current token, if it has not expired yet).
+    /// Default: 30 seconds.
+    ///
+    /// The call itself is not dropped at that moment: it may run for one more timeout, so that
+    /// an answer already on its way is read (a rotated refresh token in it is kept by its
+    /// grant) and its token used; then it is cancelled. No second call starts while it runs:
+    /// requests that arrive meanwhile get the error at once.
     pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
         self.config.refresh_timeout = timeout;
         self

@@ -398,7 +398,8 @@ async fn a_panicking_token_store_is_a_typed_error_and_the_next_refresh_runs() {
 
 /// Issue 11, smaller item: a token request that outlives `refresh_timeout` is not dropped
 /// mid-way (a rotated refresh token in its answer would be lost): it may finish for one more
-/// timeout, then it is cancelled, so a hanging provider leaks nothing.
+/// timeout, and its token is used when it lands; past that it is cancelled, so a hanging provider
+/// leaks nothing.
 #[tokio::test(start_paused = true)]
 async fn a_token_request_past_the_timeout_finishes_detached_and_is_bounded() {
     let finished = Arc::new(AtomicUsize::new(0));
@@ -426,19 +427,17 @@ async fn a_token_request_past_the_timeout_finishes_detached_and_is_bounded() {
     .build();
 
     let late = cache.token().await;
-    assert!(
-        matches!(late, Err(AuthError::RefreshTimeout { .. })),
-        "{late:?}"
-    );
+    assert!(matches!(late, Err(AuthError::RefreshTimeout { .. })), "{late:?}");
     assert_eq!(finished.load(Ordering::SeqCst), 0);
     tokio::time::advance(Duration::from_secs(1)).await;
-    support::until(|| finished.load(Ordering::SeqCst) == 1).await;
-    assert_eq!(
-        cancelled.load(Ordering::SeqCst),
-        0,
-        "the late answer was read"
-    );
+    support::until(|| cache.stats().generation == Some(1)).await;
+    assert_eq!(cancelled.load(Ordering::SeqCst), 0, "the late answer was read");
+    let token_1 = cache.token().await.unwrap();
+    assert_eq!(token_1.secret(), "token-1", "and its token is used");
+    assert_eq!(cache.stats().token_requests, 1);
 
+    // The API refuses it; the next call hangs past the grace period and is cancelled.
+    cache.reject(&token_1);
     let hanging = cache.token().await;
     assert!(matches!(hanging, Err(AuthError::RefreshTimeout { .. })));
     tokio::time::advance(Duration::from_secs(2)).await;

@@ -284,9 +284,23 @@ async fn hanging_provider_times_out_for_every_waiter() {
     assert_eq!(w.idp.token_requests(), 1);
     assert_eq!(w.api.requests(), 0);
 
+    // The hung call may run for one more timeout: no second call starts meanwhile (a
+    // refresh-token grant must not race itself), and a request fails at once.
     w.idp.set_mode(IdpMode::Issue);
     advance(Duration::from_secs(1)).await;
+    let result = send(&service, &w.api).await;
+    assert!(matches!(
+        auth_error(&result),
+        AuthError::RefreshTimeout { .. }
+    ));
+    assert_eq!(w.idp.token_requests(), 1);
+
+    // At 20 s it is cancelled; after the 1 s backoff the next request makes the second call.
+    advance(Duration::from_secs(9)).await;
+    until(|| layer.cache().stats().refresh_failures == 1).await;
+    advance(Duration::from_secs(1)).await;
     assert_eq!(send(&service, &w.api).await.unwrap().1, "token-2");
+    assert_eq!(w.idp.token_requests(), 2);
 }
 
 #[tokio::test(start_paused = true)]

@@ -35,11 +35,11 @@
 //!   capped at half the lifetime and at least the skew); or the last call failed and its backoff
 //!   (at least `BACKOFF_INITIAL`, at least the `Retry-After` up to 15 minutes) has passed; or a
 //!   401 invalidated the token since the last call finished. Label `c-401`: calls whose only
-//!   reason is a 401 number at most `60 s / REJECTION_INTERVAL + 2` (8) in any minute, plus one
+//!   reason is a 401 number at most `60 s / REJECTION_INTERVAL + 2` (14) in any minute, plus one
 //!   per revocation, switch to "401 to everything" and token that expired on its way to the API
 //!   in that minute. So in any window `W` the calls are at most 1 + the tokens reaching their
-//!   advisory point in `W` + `W / BACKOFF_INITIAL + 1` + `(W / 1 min + 1) * 8` + excused 401s;
-//!   with the API refusing everything, 401s cause at most 8 calls a minute.
+//!   advisory point in `W` + `W / BACKOFF_INITIAL + 1` + `(W / 1 min + 1) * 14` + excused 401s;
+//!   with the API refusing everything, 401s cause at most 14 calls a minute.
 //! - **g. a 401 gets one refresh attempt**: a request refused with [`AuthError::Backoff`] after a
 //!   401 invalidated the token and before any provider call was made since (issue 7).
 //! - **d. liveness**: no request waits longer than two refresh timeouts (one for its first
@@ -97,7 +97,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 /// The shortest interval between two refreshes caused only by 401s that the bound of
 /// invariant c assumes (issue 1: rejection-driven refreshes are rate limited).
-const REJECTION_INTERVAL: Duration = Duration::from_secs(10);
+const REJECTION_INTERVAL: Duration = Duration::from_secs(5);
 const MINUTE: Duration = Duration::from_secs(60);
 /// Longest provider delay and hang a schedule can ask for.
 const LONGEST_HANG: Duration = Duration::from_secs(3600);
