@@ -208,7 +208,7 @@ impl TokenProvider for RefreshTokenGrant {
 impl fmt::Debug for RefreshTokenGrant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshTokenGrant")
-            .field("endpoint", &self.inner.endpoint.uri)
+            .field("endpoint", &self.inner.endpoint.shown_uri())
             .field("client", &self.inner.endpoint.client)
             .field("refresh_token", &"<redacted>")
             .field("fallback", &self.inner.fallback)
