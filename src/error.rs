@@ -588,17 +588,17 @@ mod tests {
         #[test]
         fn displayable_url_never_shows_userinfo_or_query(
             scheme in "(https?:)?(//)?",
-            user in "[a-z]{1,8}",
+            user in "[a-z]{0,8}",
             password in "[A-Za-z0-9?#:@]{0,8}",
             host in "[a-z.]{1,12}(:[0-9]{1,5})?",
             path in "(/[a-z@]{0,6}){0,3}",
             query in "[?#][a-z=&]{0,10}",
         ) {
-            let url = format!("{scheme}{user}:{password}ZZSECRET@{host}{path}{query}SECRETQ");
+            let url = format!("{scheme}ZZUSER{user}:{password}ZZSECRET@{host}{path}{query}SECRETQ");
             let shown = displayable_url(&url);
             proptest::prop_assert!(!shown.contains("ZZSECRET"), "{} -> {}", url, shown);
             proptest::prop_assert!(!shown.contains("SECRETQ"), "{} -> {}", url, shown);
-            proptest::prop_assert!(!shown.contains(&format!("{user}:")), "{} -> {}", url, shown);
+            proptest::prop_assert!(!shown.contains("ZZUSER"), "{} -> {}", url, shown);
         }
     }
 
