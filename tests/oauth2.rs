@@ -878,6 +878,143 @@ async fn slow_token_endpoint_hits_the_refresh_timeout() {
     assert_eq!(server.token_requests(), 2);
 }
 
+/// The issue-11 scenario: the server rotates the refresh token but answers after the cache's
+/// `refresh_timeout`. The waiters get `RefreshTimeout`; the grant still records the rotated
+/// refresh token, so the next refresh uses it instead of the spent one (which would be refused
+/// with `invalid_grant` and end in the client-credentials fallback).
+#[tokio::test(start_paused = true)]
+async fn a_rotation_answered_after_the_refresh_timeout_is_kept() {
+    let _clock = manual_clock();
+    let server = TokenServer::start().await;
+    let first = server.issue_refresh_token(BASIC_ID);
+    let grant = refresh_grant(&server, &first)
+        .fallback(basic(&server).build().unwrap())
+        .build()
+        .unwrap();
+    let timeout = Duration::from_millis(200);
+    let slow = Duration::from_secs(5);
+    server.push_fault(Fault::SlowAnswer(slow));
+    let cache = TokenCache::builder(grant.clone())
+        .refresh_timeout(timeout)
+        .build();
+
+    let waiter = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.token().await }
+    });
+    until("the refresh arrives", || server.token_requests() == 1).await;
+    // The server has committed the rotation: `first` is spent, its successor is in the answer.
+    let rotated = server.issued_refresh_tokens()[1].clone();
+    advance(timeout).await;
+    let error = waiter.await.unwrap().unwrap_err();
+    assert!(
+        matches!(error, AuthError::RefreshTimeout { timeout: t } if t == timeout),
+        "{error:?}"
+    );
+
+    // The answer arrives after everyone stopped waiting; the grant keeps what it carries.
+    advance(slow).await;
+    assert_eq!(
+        grant.refresh_token().await.unwrap().expose(),
+        rotated,
+        "the rotated refresh token was lost"
+    );
+
+    // The next refresh (the 1 s backoff has passed) uses it, without falling back.
+    let token = cache.token().await.unwrap();
+    assert_eq!(server.grant_requests("refresh_token"), 2);
+    assert_eq!(server.grant_requests("client_credentials"), 0);
+    let log = server.log();
+    assert_eq!(log.len(), 2);
+    assert!(log.iter().all(|seen| seen.status == StatusCode::OK));
+    assert_eq!(log[1].field("refresh_token"), Some(rotated.as_str()));
+    assert_eq!(token.secret(), server.issued_access_tokens()[1]);
+    assert_eq!(
+        grant.refresh_token().await.unwrap().expose(),
+        server.issued_refresh_tokens()[2]
+    );
+    let stats = cache.stats();
+    assert_eq!((stats.token_requests, stats.refresh_failures), (2, 1));
+}
+
+/// A caller of the grant itself drops its refresh mid-flight, and a second caller starts at
+/// once: the second waits for the first exchange and uses the refresh token it returned.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_dropped_mid_flight_keeps_the_rotation_for_the_next_caller() {
+    let _clock = manual_clock();
+    let server = TokenServer::start().await;
+    let first = server.issue_refresh_token(BASIC_ID);
+    let grant = refresh_grant(&server, &first)
+        .fallback(basic(&server).build().unwrap())
+        .build()
+        .unwrap();
+    let slow = Duration::from_secs(5);
+    server.push_fault(Fault::SlowAnswer(slow));
+
+    let dropped = tokio::spawn({
+        let grant = grant.clone();
+        async move { grant.request_token().await }
+    });
+    until("the refresh arrives", || server.token_requests() == 1).await;
+    let rotated = server.issued_refresh_tokens()[1].clone();
+    dropped.abort();
+    assert!(dropped.await.unwrap_err().is_cancelled());
+
+    let next = tokio::spawn({
+        let grant = grant.clone();
+        async move { grant.request_token().await }
+    });
+    advance(slow).await;
+    let token = next.await.unwrap().unwrap();
+    assert_eq!(server.grant_requests("refresh_token"), 2);
+    assert_eq!(server.grant_requests("client_credentials"), 0);
+    let log = server.log();
+    assert_eq!(log.len(), 2);
+    assert!(log.iter().all(|seen| seen.status == StatusCode::OK));
+    assert_eq!(log[1].field("refresh_token"), Some(rotated.as_str()));
+    assert_eq!(token.secret(), server.issued_access_tokens()[1]);
+    assert_eq!(
+        grant.refresh_token().await.unwrap().expose(),
+        server.issued_refresh_tokens()[2]
+    );
+}
+
+/// The exchange outlives its caller, but not forever: a token endpoint that never answers is
+/// given up after the grant's own timeout, and the next refresh is not held up behind it.
+#[tokio::test(start_paused = true)]
+async fn a_token_endpoint_that_never_answers_is_given_up_after_the_grant_timeout() {
+    let _clock = manual_clock();
+    let server = TokenServer::start().await;
+    let first = server.issue_refresh_token(BASIC_ID);
+    let limit = Duration::from_secs(10);
+    let grant = refresh_grant(&server, &first)
+        .request_timeout(limit)
+        .build()
+        .unwrap();
+    // The server sleeps before it looks at the refresh token: `first` is not spent.
+    server.push_fault(Fault::Slow(HOUR));
+
+    let hung = tokio::spawn({
+        let grant = grant.clone();
+        async move { grant.request_token().await }
+    });
+    until("the refresh arrives", || server.token_requests() == 1).await;
+    advance(limit).await;
+    until("the grant gives up", || hung.is_finished()).await;
+    let error = hung.await.unwrap().unwrap_err();
+    assert!(
+        matches!(error, AuthError::RefreshTimeout { timeout } if timeout == limit),
+        "{error:?}"
+    );
+
+    grant.request_token().await.unwrap();
+    assert_eq!(server.grant_requests("refresh_token"), 2);
+    let log = server.log();
+    assert_eq!(log.len(), 1, "only the second request was answered");
+    assert_eq!(log[0].status, StatusCode::OK);
+    assert_eq!(log[0].field("refresh_token"), Some(first.as_str()));
+}
+
 // --- 7. a JWT without expires_in ----------------------------------------------------------------
 
 #[tokio::test]

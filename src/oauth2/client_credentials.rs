@@ -91,7 +91,7 @@ impl TokenProvider for ClientCredentials {
 impl fmt::Debug for ClientCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientCredentials")
-            .field("endpoint", &self.inner.endpoint.uri)
+            .field("endpoint", &self.inner.endpoint.shown_uri())
             .field("client", &self.inner.endpoint.client)
             .field("params", &self.inner.params)
             .finish_non_exhaustive()

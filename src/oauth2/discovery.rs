@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::transport::{send, HttpTransport};
 use super::{checked_url, ClientAuth};
-use crate::error::AuthError;
+use crate::error::{displayable_url, AuthError};
 
 /// What this crate needs from an identity provider's metadata.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,8 +52,10 @@ pub async fn discover(
 ) -> Result<ProviderMetadata, AuthError> {
     let issuer = issuer.trim_end_matches('/');
     let issuer_uri = checked_url(issuer, allow_insecure_http)?;
+    // Errors name URLs without credentials or queries (see `displayable_url`), and the
+    // document's own text filtered.
     let failed = |reason: String| AuthError::Discovery {
-        issuer: issuer.to_owned(),
+        issuer: displayable_url(issuer),
         reason,
     };
     // OpenID Connect Discovery appends its well-known path to the issuer; RFC 8414 (section
@@ -76,21 +78,27 @@ pub async fn discover(
         let request = Request::get(&url)
             .header(http::header::ACCEPT, "application/json")
             .body(Full::default())
-            .map_err(|_| failed(format!("{url} is not a valid URL")))?;
+            .map_err(|_| failed(format!("{} is not a valid URL", displayable_url(&url))))?;
         let answer = send(transport, request).await?;
         if answer.status == StatusCode::NOT_FOUND {
-            tried.push(url);
+            tried.push(displayable_url(&url));
             continue;
         }
         if !answer.status.is_success() {
-            return Err(failed(format!("{url} answered {}", answer.status)));
+            return Err(failed(format!(
+                "{} answered {}",
+                displayable_url(&url),
+                answer.status
+            )));
         }
         let json = super::response::json_object(&answer)?;
         let text = |name: &str| json.get(name).and_then(Value::as_str);
         let stated = text("issuer").ok_or_else(|| failed("the metadata has no issuer".into()))?;
         if stated.trim_end_matches('/') != issuer {
             return Err(failed(format!(
-                "the metadata at {url} names another issuer, {stated:?}"
+                "the metadata at {} names another issuer, \"{}\"",
+                displayable_url(&url),
+                displayable_url(stated)
             )));
         }
         let token_endpoint = text("token_endpoint")

@@ -41,7 +41,7 @@ use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Request, Uri};
 use http_body_util::Full;
 
-use crate::error::AuthError;
+use crate::error::{displayable_url, AuthError};
 
 mod client_credentials;
 mod discovery;
@@ -120,7 +120,7 @@ impl ClientAuth {
 /// when the user allowed it.
 pub(crate) fn checked_url(url: &str, allow_insecure_http: bool) -> Result<Uri, AuthError> {
     let refused = || AuthError::InsecureUrl {
-        url: url.chars().take(200).collect(),
+        url: displayable_url(url),
     };
     let uri: Uri = url.parse().map_err(|_| refused())?;
     let host = uri.host().ok_or_else(refused)?;
@@ -190,12 +190,11 @@ pub(crate) fn token_request(
     request
         .body(Full::new(Bytes::from(form::form(fields))))
         .map_err(|_| AuthError::InsecureUrl {
-            url: endpoint.to_string(),
+            url: displayable_url(&endpoint.to_string()),
         })
 }
 
 /// What every token-source builder collects: where to send, as whom, and how.
-#[derive(Debug)]
 pub(crate) struct EndpointOptions {
     pub(crate) token_url: String,
     pub(crate) client: Client,
@@ -208,6 +207,24 @@ pub(crate) struct Endpoint {
     pub(crate) uri: Uri,
     pub(crate) client: Client,
     pub(crate) transport: HttpTransport,
+}
+
+impl fmt::Debug for EndpointOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointOptions")
+            .field("token_url", &displayable_url(&self.token_url))
+            .field("client", &self.client)
+            .field("transport", &self.transport)
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// The token URL as `Debug` may show it: no credentials, no query.
+    pub(crate) fn shown_uri(&self) -> String {
+        displayable_url(&self.uri.to_string())
+    }
 }
 
 impl EndpointOptions {

@@ -2,9 +2,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tracing::Instrument;
 
 use super::client_credentials::ClientCredentials;
 use super::transport::{send, HttpTransport};
@@ -20,6 +21,14 @@ use crate::Token;
 /// client credentials if one was configured, and says so in a `warn` event; otherwise it
 /// returns [`AuthError::NoRefreshToken`] or the `invalid_grant` error, which a batch can match
 /// on to stop cleanly.
+///
+/// A server that rotates refresh tokens spends the old one when it answers; a client that stops
+/// listening before it reads the answer would keep a dead refresh token. So each token request
+/// runs on its own Tokio task, and stores the new refresh token, even when its caller stops
+/// waiting (the cache's `refresh_timeout`, a dropped request): the next refresh waits for it
+/// and uses what it received. It is bounded by its own
+/// [`request_timeout`](RefreshTokenGrantBuilder::request_timeout). Refreshes take turns, each
+/// with the refresh token the previous one received.
 ///
 /// ```no_run
 /// use tower_auth_refresh::oauth2::{ClientCredentials, RefreshTokenGrant};
@@ -42,11 +51,18 @@ pub struct RefreshTokenGrant {
 struct Inner {
     endpoint: Endpoint,
     scope: Option<String>,
-    /// The refresh token to use next. An async mutex, held across the request: two refreshes
-    /// racing with one rotating token would make the second one fail.
-    refresh_token: Mutex<Option<Secret>>,
+    /// The refresh token to use next. An async mutex, held across the request (and its
+    /// fallback): two refreshes racing with one rotating token would make the second one fail.
+    /// Owned guards let the request's own task hold it after its caller has gone.
+    refresh_token: Arc<Mutex<Option<Secret>>>,
     fallback: Option<ClientCredentials>,
+    request_timeout: Duration,
 }
+
+/// How long one refresh may take, fallback included, when nobody says otherwise: longer than
+/// the cache's default `refresh_timeout` (30 s), so that a late answer is still read and its
+/// refresh token kept after the cache has stopped waiting.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl RefreshTokenGrant {
     /// Options for a provider that refreshes with `refresh_token` at `token_url`.
@@ -65,6 +81,7 @@ impl RefreshTokenGrant {
             refresh_token: Some(refresh_token.into()),
             scope: None,
             fallback: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 
@@ -80,19 +97,57 @@ impl RefreshTokenGrant {
         builder
     }
 
-    /// The refresh token the next refresh will use: the latest one the server issued.
+    /// The refresh token the next refresh will use: the latest one the server issued. Waits
+    /// for a refresh in flight, so that it answers with what that refresh received.
     pub async fn refresh_token(&self) -> Option<Secret> {
         self.inner.refresh_token.lock().await.clone()
     }
 
     /// Refresh now.
+    ///
+    /// Waits for a refresh already in flight, then runs one on its own task (when a Tokio
+    /// runtime is running; otherwise inline) so that dropping the returned future does not
+    /// lose a rotated refresh token.
     pub async fn request_token(&self) -> Result<Token, AuthError> {
+        // Taken before spawning: a caller that leaves while waiting for its turn sends nothing.
+        let current = self.inner.refresh_token.clone().lock_owned().await;
+        let this = self.clone();
+        let limit = self.inner.request_timeout;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let exchange = async move {
+                    tokio::time::timeout(limit, this.exchange(current))
+                        .await
+                        .unwrap_or(Err(AuthError::RefreshTimeout { timeout: limit }))
+                };
+                // Dropping the handle detaches the task; it still stores what it receives.
+                runtime
+                    .spawn(exchange.in_current_span())
+                    .await
+                    .unwrap_or_else(|joined| {
+                        Err(if joined.is_panic() {
+                            AuthError::ProviderPanicked
+                        } else {
+                            AuthError::transport("the runtime shut down during the token request")
+                        })
+                    })
+            }
+            // Outside Tokio there is no task to detach nor a timer: the caller drives it, and
+            // dropping it mid-request may lose a rotation (the fallback then recovers).
+            Err(_) => this.exchange(current).await,
+        }
+    }
+
+    /// One refresh, holding the refresh-token lock from the request to the stored answer.
+    async fn exchange(
+        &self,
+        mut current: OwnedMutexGuard<Option<Secret>>,
+    ) -> Result<Token, AuthError> {
         let inner = &self.inner;
-        let mut current = inner.refresh_token.lock().await;
         let Some(refresh_token) = current.clone() else {
-            // `fall_back` stores the refresh token it may receive: release the lock first.
-            drop(current);
-            return self.fall_back("there is no refresh token").await;
+            return self
+                .fall_back(&mut current, "there is no refresh token")
+                .await;
         };
         let mut params = vec![
             ("grant_type", "refresh_token"),
@@ -113,9 +168,11 @@ impl RefreshTokenGrant {
             Err(error) if error.error_code() == Some(&ErrorCode::InvalidGrant) => {
                 // The refresh token is dead; never send it again.
                 *current = None;
-                drop(current);
                 match &self.inner.fallback {
-                    Some(_) => self.fall_back("the refresh token was rejected").await,
+                    Some(_) => {
+                        self.fall_back(&mut current, "the refresh token was rejected")
+                            .await
+                    }
                     None => Err(error),
                 }
             }
@@ -123,14 +180,15 @@ impl RefreshTokenGrant {
         }
     }
 
-    async fn fall_back(&self, why: &str) -> Result<Token, AuthError> {
+    /// Client credentials instead; a refresh token in their answer is kept for next time.
+    async fn fall_back(&self, current: &mut Option<Secret>, why: &str) -> Result<Token, AuthError> {
         let Some(fallback) = &self.inner.fallback else {
             return Err(AuthError::NoRefreshToken);
         };
         tracing::warn!(reason = why, "falling back to the client credentials grant");
         let token = fallback.request_token().await?;
         if let Some(refresh_token) = token.refresh_token() {
-            *self.inner.refresh_token.lock().await = Some(Secret::new(refresh_token));
+            *current = Some(Secret::new(refresh_token));
         }
         Ok(token)
     }
@@ -150,7 +208,7 @@ impl TokenProvider for RefreshTokenGrant {
 impl fmt::Debug for RefreshTokenGrant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshTokenGrant")
-            .field("endpoint", &self.inner.endpoint.uri)
+            .field("endpoint", &self.inner.endpoint.shown_uri())
             .field("client", &self.inner.endpoint.client)
             .field("refresh_token", &"<redacted>")
             .field("fallback", &self.inner.fallback)
@@ -164,6 +222,7 @@ pub struct RefreshTokenGrantBuilder {
     refresh_token: Option<Secret>,
     scope: Option<String>,
     fallback: Option<ClientCredentials>,
+    request_timeout: Duration,
 }
 
 impl RefreshTokenGrantBuilder {
@@ -198,6 +257,19 @@ impl RefreshTokenGrantBuilder {
         self
     }
 
+    /// How long one refresh may take, fallback included, before it is given up with
+    /// [`AuthError::RefreshTimeout`]. Default: 60 s.
+    ///
+    /// A refresh runs to its end even when its caller stops waiting, so that a rotated refresh
+    /// token is kept; this bounds how long a token endpoint that never answers holds up the
+    /// next refresh. Keep it longer than the cache's `refresh_timeout`: an answer that arrives
+    /// after the grant gave up is lost, and a server that rotated its refresh token then
+    /// refuses the old one (`invalid_grant`), which ends in the fallback if there is one.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
     /// Allow a plain `http` token URL on a host that is not loopback. Default: refused.
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
         self.endpoint.allow_insecure_http = allow;
@@ -214,8 +286,9 @@ impl RefreshTokenGrantBuilder {
             inner: Arc::new(Inner {
                 endpoint,
                 scope: self.scope,
-                refresh_token: Mutex::new(refresh_token),
+                refresh_token: Arc::new(Mutex::new(refresh_token)),
                 fallback: self.fallback,
+                request_timeout: self.request_timeout,
             }),
         })
     }
@@ -225,6 +298,7 @@ impl fmt::Debug for RefreshTokenGrantBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshTokenGrantBuilder")
             .field("endpoint", &self.endpoint)
+            .field("request_timeout", &self.request_timeout)
             .finish_non_exhaustive()
     }
 }

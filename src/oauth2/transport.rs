@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::error::AuthError;
+use crate::error::{displayable_url, AuthError};
 
 /// The largest token endpoint or metadata answer read, so a hostile server cannot make us
 /// buffer without bound.
@@ -95,7 +95,7 @@ pub(crate) async fn send(
                 .headers()
                 .get(LOCATION)
                 .and_then(|value| value.to_str().ok())
-                .map(str::to_owned),
+                .map(displayable_url),
         });
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {

@@ -11,7 +11,8 @@
 //! - `GET /api`: a tiny API that accepts only a current, unexpired access token.
 //!
 //! Tests queue [`Fault`]s: each token request that passes the checks takes the next one and
-//! answers with it instead of (or, for [`Fault::Slow`], before) the normal answer. Everything is
+//! answers with it instead of the normal answer, or delays the normal answer: [`Fault::Slow`]
+//! before the server acts on it, [`Fault::SlowAnswer`] after (a refresh token already rotated). Everything is
 //! counted, and every token request is logged (without the client secret).
 //!
 //! Token expiry on the server follows tokio's clock, so a test on a paused clock drives the
@@ -80,6 +81,9 @@ pub enum Fault {
     Redirect { location: String },
     /// Sleep this long (tokio clock), then answer normally.
     Slow(Duration),
+    /// Answer normally at once (a refresh token is rotated, a token issued), then hold the
+    /// answer back this long (tokio clock): the server has committed, the client does not know.
+    SlowAnswer(Duration),
     /// A token without `expires_in` whose access token is an unsigned JWT with
     /// `exp = now + lifetime`.
     Jwt { lifetime: Duration },
@@ -595,6 +599,11 @@ impl TokenServer {
         match fault {
             None => {}
             Some(Fault::Slow(wait)) => tokio::time::sleep(wait).await,
+            Some(Fault::SlowAnswer(wait)) => {
+                let answer = self.grant_answer(&grant_type, auth, &client_id, &fields, lifetime);
+                tokio::time::sleep(wait).await;
+                return answer;
+            }
             Some(Fault::Error {
                 status,
                 code,
@@ -662,7 +671,19 @@ impl TokenServer {
             }
         }
 
-        match grant_type.as_str() {
+        self.grant_answer(&grant_type, auth, &client_id, &fields, lifetime)
+    }
+
+    /// The normal answer to a token request that passed the checks.
+    fn grant_answer(
+        &self,
+        grant_type: &str,
+        auth: AuthUsed,
+        client_id: &str,
+        fields: &BTreeMap<String, String>,
+        lifetime: Option<Duration>,
+    ) -> Response<Full<Bytes>> {
+        match grant_type {
             "client_credentials" => {
                 // RFC 6749 4.4: confidential clients only.
                 if auth == AuthUsed::ClientIdOnly {
@@ -673,7 +694,7 @@ impl TokenServer {
                     );
                 }
                 let with_refresh = self.lock().refresh_token_with_client_credentials;
-                let refresh = with_refresh.then(|| self.issue_refresh_token(&client_id));
+                let refresh = with_refresh.then(|| self.issue_refresh_token(client_id));
                 self.grant(lifetime, refresh, fields.get("scope"))
             }
             "refresh_token" => {
@@ -686,14 +707,14 @@ impl TokenServer {
                 };
                 // Rotation: the used refresh token dies with this request.
                 let owner = self.lock().refresh_tokens.remove(used);
-                if owner.as_deref() != Some(client_id.as_str()) {
+                if owner.as_deref() != Some(client_id) {
                     return oauth_error(
                         StatusCode::BAD_REQUEST,
                         "invalid_grant",
                         "the refresh token is invalid, expired, revoked, or was issued to another client",
                     );
                 }
-                let refresh = self.issue_refresh_token(&client_id);
+                let refresh = self.issue_refresh_token(client_id);
                 self.grant(lifetime, Some(refresh), fields.get("scope"))
             }
             _ => oauth_error(
