@@ -38,6 +38,7 @@ use tracing::Instrument;
 
 use crate::error::AuthError;
 use crate::provider::TokenProvider;
+use crate::replay::NotReplayable;
 use crate::store::{FetchToken, LocalStore, RefreshRequest, StoreFuture, TokenStore};
 use crate::Token;
 
@@ -336,6 +337,7 @@ struct Counters {
     stale_rejections: AtomicU64,
     repeated_rejections: AtomicU64,
     replays: AtomicU64,
+    not_replayed: [AtomicU64; 4],
 }
 
 /// A snapshot of what a [`TokenCache`] has done, for logs and metrics.
@@ -356,12 +358,28 @@ pub struct CacheStats {
     pub repeated_rejections: u64,
     /// Requests replayed with a new token after a 401.
     pub replays: u64,
+    /// Requests whose 401 went back unchanged because they could not be replayed, by reason.
+    pub not_replayed: NotReplayedCounts,
     /// The generation of the current token (1 for the first); `None` when there is none.
     pub generation: Option<u64>,
     /// How long ago the current token was requested.
     pub token_age: Option<Duration>,
     /// How long until the current token expires; `None` if it has no known expiry.
     pub expires_in: Option<Duration>,
+}
+
+/// Rejected requests that were not replayed, by [`NotReplayable`] reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NotReplayedCounts {
+    /// The body outgrew the replay cap.
+    pub too_large: u64,
+    /// The body failed while it was sent.
+    pub body_failed: u64,
+    /// The body was still being sent and its rest could not be taken over.
+    pub still_streaming: u64,
+    /// `replay_when` refused the request.
+    pub refused: u64,
 }
 
 impl TokenCache {
@@ -454,6 +472,12 @@ impl TokenCache {
             stale_rejections: c.stale_rejections.load(Ordering::Relaxed),
             repeated_rejections: c.repeated_rejections.load(Ordering::Relaxed),
             replays: c.replays.load(Ordering::Relaxed),
+            not_replayed: NotReplayedCounts {
+                too_large: c.not_replayed[0].load(Ordering::Relaxed),
+                body_failed: c.not_replayed[1].load(Ordering::Relaxed),
+                still_streaming: c.not_replayed[2].load(Ordering::Relaxed),
+                refused: c.not_replayed[3].load(Ordering::Relaxed),
+            },
             generation: current.as_deref().map(|entry| entry.generation),
             token_age: current
                 .as_deref()
@@ -644,6 +668,16 @@ impl TokenCache {
                 entry.replay_accepted.store(true, Ordering::Relaxed);
             }
         }
+    }
+
+    pub(crate) fn record_not_replayed(&self, reason: NotReplayable) {
+        let slot = match reason {
+            NotReplayable::TooLarge => 0,
+            NotReplayable::BodyFailed => 1,
+            NotReplayable::StillStreaming => 2,
+            NotReplayable::Refused => 3,
+        };
+        self.shared.counters.not_replayed[slot].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn record_replay(&self) {

@@ -17,7 +17,7 @@ use crate::cache::{Acquire, RefreshWait, Rejection};
 use crate::error::AuthError;
 use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::AuthSettings;
-use crate::replay::{ReplayBody, ReplayRequest};
+use crate::replay::{NotReplayable, ReplayBody, ReplayRequest};
 
 pin_project! {
     /// Response future of [`AuthService`](crate::AuthService).
@@ -30,7 +30,7 @@ pin_project! {
         state: State<S::Future, I::Body>,
         // The inner service, kept for the replay; it is polled ready again before it is called.
         service: Option<S>,
-        replay: Option<ReplayRequest>,
+        replay: Result<ReplayRequest<B>, NotReplayable>,
         // The token generation the current attempt was sent with.
         generation: u64,
         settings: Option<Arc<AuthSettings>>,
@@ -78,7 +78,8 @@ where
 {
     /// A request the layer leaves alone (it carried its own credential): only the inner future.
     pub(crate) fn passthrough(future: S::Future, inner_body: I) -> Self {
-        Self::new(State::First { future }, None, None, 0, None, inner_body)
+        let replay = Err(NotReplayable::Refused);
+        Self::new(State::First { future }, None, replay, 0, None, inner_body)
     }
 
     /// The first attempt is under way. Without `replay`, a rejection still invalidates the
@@ -86,7 +87,7 @@ where
     pub(crate) fn first_attempt(
         future: S::Future,
         service: Option<S>,
-        replay: Option<ReplayRequest>,
+        replay: Result<ReplayRequest<B>, NotReplayable>,
         generation: u64,
         settings: Arc<AuthSettings>,
         inner_body: I,
@@ -105,7 +106,7 @@ where
         wait: RefreshWait,
         request: Request<I::Body>,
         service: S,
-        replay: Option<ReplayRequest>,
+        replay: Result<ReplayRequest<B>, NotReplayable>,
         settings: Arc<AuthSettings>,
         inner_body: I,
     ) -> Self {
@@ -118,13 +119,14 @@ where
 
     pub(crate) fn failed(error: AuthError, inner_body: I) -> Self {
         let state = State::Failed { error: Some(error) };
-        Self::new(state, None, None, 0, None, inner_body)
+        let replay = Err(NotReplayable::Refused);
+        Self::new(state, None, replay, 0, None, inner_body)
     }
 
     fn new(
         state: State<S::Future, I::Body>,
         service: Option<S>,
-        replay: Option<ReplayRequest>,
+        replay: Result<ReplayRequest<B>, NotReplayable>,
         generation: u64,
         settings: Option<Arc<AuthSettings>>,
         inner_body: I,
@@ -183,12 +185,17 @@ where
                         // Not an expiry: a new token would be refused too.
                         return Poll::Ready(Ok(response));
                     }
-                    let replayable = this.service.is_some()
-                        && this.replay.as_ref().is_some_and(|replay| replay.is_ready());
-                    if !replayable {
+                    let verdict = match this.replay.as_mut() {
+                        Ok(replay) if this.service.is_some() => replay.freeze(),
+                        Ok(_) => Err(NotReplayable::Refused),
+                        Err(reason) => Err(*reason),
+                    };
+                    if let Err(reason) = verdict {
+                        settings.cache.record_not_replayed(reason);
                         tracing::debug!(
                             status = %response.status(),
-                            "token rejected; request not replayable, returning the response"
+                            %reason,
+                            "token rejected; request not replayed, returning the response"
                         );
                         return Poll::Ready(Ok(response));
                     }
@@ -217,15 +224,14 @@ where
                         return Poll::Ready(Err(polled_after_completion()));
                     };
                     ready!(service.poll_ready(cx)).map_err(Into::into)?;
-                    let (Some(credential), Some(replay), Some(settings)) = (
-                        credential.take(),
-                        this.replay.take(),
-                        this.settings.as_ref(),
-                    ) else {
+                    let replay = std::mem::replace(this.replay, Err(NotReplayable::Refused));
+                    let (Some(credential), Ok(replay), Some(settings)) =
+                        (credential.take(), replay, this.settings.as_ref())
+                    else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
-                    let Some(request) = replay.into_request(&settings.header_name, credential)
-                    else {
+                    // Frozen when the rejection arrived: it cannot fail any more.
+                    let Ok(request) = replay.into_request(&settings.header_name, credential) else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
                     settings.cache.record_replay();

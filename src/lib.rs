@@ -59,13 +59,13 @@ mod service;
 pub mod store;
 pub mod token;
 
-pub use cache::{CacheStats, Rejection, TokenCache, TokenCacheBuilder};
+pub use cache::{CacheStats, NotReplayedCounts, Rejection, TokenCache, TokenCacheBuilder};
 pub use error::{AuthError, ErrorCode, TokenEndpointError};
 pub use future::ResponseFuture;
 pub use layer::{AuthLayer, AuthLayerBuilder, ExistingAuthorization};
 pub use origin::{InvalidOrigin, Origin};
 pub use provider::{provider_fn, ProviderFn, ProviderFuture, StaticToken, TokenProvider};
-pub use replay::ReplayBody;
+pub use replay::{NotReplayable, ReplayBody};
 pub use service::AuthService;
 pub use store::{LocalStore, TokenStore};
 pub use token::Token;

@@ -6,8 +6,12 @@
 //! cap. Chunks are [`Bytes`], so keeping one is a reference count, never a copy; a `Full<Bytes>`
 //! body costs nothing extra to replay.
 //!
-//! A request is not replayable when its body outgrew the cap, failed, or was still streaming when
-//! the response arrived (the server answered before reading it all).
+//! A request is not replayable when its body outgrew the cap or failed. A body still streaming
+//! when the response arrives (an API that refuses the token before it reads the upload, as
+//! authentication middleware does) is replayable all the same when the layer holds the rest of
+//! it: a body without an exact size lives in the shared recording, so the replay sends what the
+//! first attempt recorded and then takes over the rest of the caller's body, which the first
+//! attempt never sent. Why a request was not replayed is a [`NotReplayable`].
 //!
 //! A transport may stop polling a body before the body says `None`: hyper's HTTP/1 client drops
 //! it once `content-length` bytes are written, or right after the trailers. So a recording is
@@ -35,6 +39,8 @@ use tower::BoxError;
 
 const NOT_REPLAYABLE: &str =
     "request body cannot be replayed: the first attempt had not sent all of it, or it outgrew the cap";
+const TAKEN_BY_REPLAY: &str =
+    "the rest of this request body was handed to the replay of the request";
 
 /// Default largest request body kept for a replay: 64 KiB.
 pub const DEFAULT_MAX_REPLAY_BODY: usize = 64 * 1024;
@@ -57,7 +63,17 @@ pin_project! {
         Streaming {
             #[pin]
             body: B,
-            keep: Keep,
+            keep: Keep<B>,
+        },
+        // The caller's body, kept in the shared recording so that a replay can take over the
+        // part the first attempt never sent.
+        Shared {
+            recording: Arc<Mutex<Recording<B>>>,
+        },
+        // The replay of a body refused mid-stream: what was recorded, then the rest.
+        Continue {
+            chunks: VecDeque<Bytes>,
+            rest: Pin<Box<B>>,
         },
         Replay {
             chunks: VecDeque<Bytes>,
@@ -66,19 +82,19 @@ pin_project! {
         // A copy made before the first attempt finished: it replays the recording once that is
         // complete (checked with `ReplayBody::is_replayable` before it is sent).
         Deferred {
-            recording: Arc<Mutex<Recording>>,
+            recording: Arc<Mutex<Recording<B>>>,
         },
     }
 }
 
 /// What the first attempt keeps of the body it streams.
-enum Keep {
+enum Keep<B> {
     /// Nothing: the body cannot be sent again.
     Nothing,
     /// The body was empty from the start: a copy is an empty body, nothing to keep.
     Empty,
     /// The chunks, kept as they stream.
-    Recording(Arc<Mutex<Recording>>),
+    Recording(Arc<Mutex<Recording<B>>>),
 }
 
 impl<B> ReplayBody<B> {
@@ -88,7 +104,7 @@ impl<B> ReplayBody<B> {
         Self::streaming(body, Keep::Nothing)
     }
 
-    fn streaming(body: B, keep: Keep) -> Self {
+    fn streaming(body: B, keep: Keep<B>) -> Self {
         Self {
             kind: Kind::Streaming { body, keep },
         }
@@ -107,16 +123,18 @@ impl<B> ReplayBody<B> {
     where
         B: Body<Data = Bytes>,
     {
-        Self::recording(body, None, cap)
+        Self::recording(body, None, cap, false)
     }
 
     /// Wrap the body of a request the auth layer sends: recorded within `cap`, so that both the
-    /// 401 replay and a retry layer below can send it again.
+    /// 401 replay and a retry layer below can send it again. A body without an exact size (a
+    /// stream, an upload) goes into the shared recording, so that a replay can take over what
+    /// the first attempt never sent.
     pub(crate) fn for_request(headers: &HeaderMap, body: B, cap: usize) -> Self
     where
         B: Body<Data = Bytes>,
     {
-        Self::recording(body, content_length(headers), cap)
+        Self::recording(body, content_length(headers), cap, true)
     }
 
     /// Wrap the body of a request the auth layer passes through: nothing is kept, but an empty
@@ -133,20 +151,25 @@ impl<B> ReplayBody<B> {
         Self::streaming(body, keep)
     }
 
-    /// `declared` is the request's `content-length`, if any.
-    fn recording(body: B, declared: Option<u64>, cap: usize) -> Self
+    /// `declared` is the request's `content-length`, if any. With `shared`, a body without an
+    /// exact size moves into the recording (one allocation), where a replay can take it over.
+    fn recording(body: B, declared: Option<u64>, cap: usize, shared: bool) -> Self
     where
         B: Body<Data = Bytes>,
     {
-        let keep = if body.is_end_stream() {
-            Keep::Empty
-        } else {
-            match Recording::start(&body, declared, cap) {
-                Some(recording) => Keep::Recording(recording),
-                None => Keep::Nothing,
-            }
+        if body.is_end_stream() {
+            return Self::streaming(body, Keep::Empty);
+        }
+        let Some(recording) = Recording::start(&body, declared, cap) else {
+            return Self::streaming(body, Keep::Nothing);
         };
-        Self::streaming(body, keep)
+        if shared && body.size_hint().exact().is_none() {
+            lock(&recording).rest = Some(Box::pin(body));
+            return Self {
+                kind: Kind::Shared { recording },
+            };
+        }
+        Self::streaming(body, Keep::Recording(recording))
     }
 
     fn replay(chunks: Vec<Bytes>, trailers: Option<HeaderMap>) -> Self {
@@ -172,15 +195,15 @@ impl<B> ReplayBody<B> {
                     chunks: VecDeque::new(),
                     trailers: None,
                 },
-                Keep::Recording(recording) => {
-                    if lock(recording).state == RecordingState::Abandoned {
-                        return None;
-                    }
-                    Kind::Deferred {
-                        recording: recording.clone(),
-                    }
-                }
+                Keep::Recording(recording) => Kind::Deferred {
+                    recording: deferrable(recording)?,
+                },
             },
+            Kind::Shared { recording } => Kind::Deferred {
+                recording: deferrable(recording)?,
+            },
+            // Its rest streams once, for this replay only.
+            Kind::Continue { .. } => return None,
             Kind::Replay { chunks, trailers } => Kind::Replay {
                 chunks: chunks.clone(),
                 trailers: trailers.clone(),
@@ -197,6 +220,7 @@ impl<B> ReplayBody<B> {
     pub fn is_replayable(&self) -> bool {
         match &self.kind {
             Kind::Streaming { keep, .. } => matches!(keep, Keep::Empty),
+            Kind::Shared { .. } | Kind::Continue { .. } => false,
             Kind::Replay { .. } => true,
             Kind::Deferred { recording } => lock(recording).state == RecordingState::Complete,
         }
@@ -206,7 +230,8 @@ impl<B> ReplayBody<B> {
 impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {
-            Kind::Streaming { .. } => "streaming",
+            Kind::Streaming { .. } | Kind::Shared { .. } => "streaming",
+            Kind::Continue { .. } => "replay, then the rest of the body",
             Kind::Replay { .. } => "replay",
             Kind::Deferred { .. } => "deferred replay",
         };
@@ -239,6 +264,25 @@ where
                     }
                     return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
                 }
+                KindProj::Shared { recording } => {
+                    let mut recording = lock(recording);
+                    let recording = &mut *recording;
+                    let Some(body) = recording.rest.as_mut() else {
+                        // A replay took the rest over: this attempt was answered already.
+                        return Poll::Ready(Some(Err(TAKEN_BY_REPLAY.into())));
+                    };
+                    let frame = ready!(body.as_mut().poll_frame(cx));
+                    let ended = body.is_end_stream();
+                    recording.record(&frame, ended);
+                    return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+                }
+                KindProj::Continue { chunks, rest } => {
+                    if let Some(chunk) = chunks.pop_front() {
+                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                    }
+                    let frame = ready!(rest.as_mut().poll_frame(cx));
+                    return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+                }
                 KindProj::Replay { chunks, trailers } => {
                     if let Some(chunk) = chunks.pop_front() {
                         return Poll::Ready(Some(Ok(Frame::data(chunk))));
@@ -265,6 +309,11 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Streaming { body, .. } => body.is_end_stream(),
+            Kind::Shared { recording } => lock(recording)
+                .rest
+                .as_ref()
+                .is_none_or(|body| body.is_end_stream()),
+            Kind::Continue { chunks, rest } => chunks.is_empty() && rest.is_end_stream(),
             Kind::Replay { chunks, trailers } => chunks.is_empty() && trailers.is_none(),
             Kind::Deferred { recording } => {
                 let recording = lock(recording);
@@ -278,6 +327,20 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Streaming { body, .. } => body.size_hint(),
+            Kind::Shared { recording } => lock(recording)
+                .rest
+                .as_ref()
+                .map_or_else(SizeHint::default, |body| body.size_hint()),
+            Kind::Continue { chunks, rest } => {
+                let recorded: u64 = chunks.iter().map(|c| c.remaining() as u64).sum();
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(recorded.saturating_add(rest.lower()));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(recorded.saturating_add(upper));
+                }
+                hint
+            }
             Kind::Replay { chunks, trailers } => replay_size_hint(
                 chunks.iter().map(|c| c.remaining() as u64).sum(),
                 trailers.is_some(),
@@ -309,8 +372,7 @@ fn replay_size_hint(len: u64, trailers: bool) -> SizeHint {
 }
 
 /// What the first attempt has kept of the body.
-#[derive(Debug)]
-struct Recording {
+struct Recording<B> {
     chunks: Vec<Bytes>,
     len: usize,
     cap: usize,
@@ -318,6 +380,9 @@ struct Recording {
     expected: Option<u64>,
     trailers: Option<HeaderMap>,
     state: RecordingState,
+    /// The caller's body itself, for a body without an exact size sent by the auth layer: the
+    /// first attempt polls it through here, and a replay may take over the rest.
+    rest: Option<Pin<Box<B>>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,10 +392,40 @@ enum RecordingState {
     /// The whole body is kept.
     Complete,
     /// Over the cap, or the body failed: nothing is kept.
-    Abandoned,
+    Abandoned(NotReplayable),
+    /// A replay took over the rest of the body: nobody else can send it again.
+    Taken,
 }
 
-impl Recording {
+/// Why a request rejected with a 401 was not replayed: the rejection goes back to the caller
+/// unchanged, and the reason is counted in [`CacheStats`](crate::CacheStats) and written in the
+/// debug event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotReplayable {
+    /// The body outgrew the replay cap (`max_replay_body`), or was known to be larger.
+    TooLarge,
+    /// The body failed while the first attempt sent it.
+    BodyFailed,
+    /// The body was still streaming when the rejection arrived, and its rest could not be taken
+    /// over (a body with an exact size that the first attempt had not sent in full).
+    StillStreaming,
+    /// `replay_when` refused this request.
+    Refused,
+}
+
+impl fmt::Display for NotReplayable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NotReplayable::TooLarge => "its body outgrew the replay cap",
+            NotReplayable::BodyFailed => "its body failed while it was sent",
+            NotReplayable::StillStreaming => "its body was still being sent",
+            NotReplayable::Refused => "replay_when refused it",
+        })
+    }
+}
+
+impl<B> Recording<B> {
     /// A recording for a non-empty `body`, unless it is known to be too large (then nothing is
     /// kept). `declared` is the request's `content-length`.
     ///
@@ -340,11 +435,10 @@ impl Recording {
     /// (hyper included) writes exactly that many bytes and stops polling, and an HTTP/2 peer
     /// rejects a body whose length differs. So the recording is whole when the data reaches it,
     /// and a body that yields more is abandoned.
-    fn start<B: Body>(
-        body: &B,
-        declared: Option<u64>,
-        cap: usize,
-    ) -> Option<Arc<Mutex<Recording>>> {
+    fn start(body: &B, declared: Option<u64>, cap: usize) -> Option<Arc<Mutex<Recording<B>>>>
+    where
+        B: Body,
+    {
         let hint = body.size_hint();
         let expected = hint.exact().or(declared);
         if hint.lower() > cap as u64 || expected.is_some_and(|len| len > cap as u64) {
@@ -357,6 +451,7 @@ impl Recording {
             expected,
             trailers: None,
             state: RecordingState::Recording,
+            rest: None,
         })))
     }
 
@@ -365,16 +460,16 @@ impl Recording {
     /// Completeness never waits for a poll the transport may not make (see the module docs).
     fn record<E>(&mut self, frame: &Option<Result<Frame<Bytes>, E>>, ended: bool) {
         match self.state {
-            RecordingState::Abandoned => {}
+            RecordingState::Abandoned(_) | RecordingState::Taken => {}
             RecordingState::Complete => self.record_after_end(frame),
             RecordingState::Recording => match frame {
                 None => self.state = RecordingState::Complete,
-                Some(Err(_)) => self.abandon(),
+                Some(Err(_)) => self.abandon(NotReplayable::BodyFailed),
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         self.len = self.len.saturating_add(data.len());
                         if self.len > self.cap {
-                            self.abandon();
+                            self.abandon(NotReplayable::TooLarge);
                             return;
                         }
                         if !data.is_empty() {
@@ -382,7 +477,7 @@ impl Recording {
                         }
                         match self.expected {
                             Some(expected) if self.len as u64 > expected => {
-                                self.abandon();
+                                self.abandon(NotReplayable::BodyFailed);
                                 return;
                             }
                             // A sender stops once the length it announced is written.
@@ -413,12 +508,12 @@ impl Recording {
             return;
         };
         let Ok(frame) = frame else {
-            self.abandon();
+            self.abandon(NotReplayable::BodyFailed);
             return;
         };
         if let Some(data) = frame.data_ref() {
             if !data.is_empty() {
-                self.abandon();
+                self.abandon(NotReplayable::BodyFailed);
             }
         } else if let Some(trailers) = frame.trailers_ref() {
             if self.trailers.is_none() {
@@ -427,10 +522,51 @@ impl Recording {
         }
     }
 
-    fn abandon(&mut self) {
-        self.state = RecordingState::Abandoned;
+    fn abandon(&mut self, reason: NotReplayable) {
+        self.state = RecordingState::Abandoned(reason);
         self.chunks = Vec::new();
         self.trailers = None;
+    }
+
+    /// Whether a replay can send the whole body: the recording is complete, or the rest of the
+    /// body is still here to be taken over.
+    fn replayable(&self) -> Result<(), NotReplayable> {
+        match self.state {
+            RecordingState::Complete => Ok(()),
+            RecordingState::Recording if self.rest.is_some() => Ok(()),
+            RecordingState::Recording | RecordingState::Taken => Err(NotReplayable::StillStreaming),
+            RecordingState::Abandoned(reason) => Err(reason),
+        }
+    }
+
+    /// The body for a replay: the recording, or the recording followed by the rest of the
+    /// caller's body, which the first attempt then never sends.
+    fn replay_body(&mut self) -> Result<ReplayBody<B>, NotReplayable> {
+        self.replayable()?;
+        if self.state == RecordingState::Complete {
+            // Copies of the references: a retry layer may replay the same recording too.
+            return Ok(ReplayBody::replay(
+                self.chunks.clone(),
+                self.trailers.clone(),
+            ));
+        }
+        let rest = self.rest.take().ok_or(NotReplayable::StillStreaming)?;
+        self.state = RecordingState::Taken;
+        Ok(ReplayBody {
+            kind: Kind::Continue {
+                chunks: std::mem::take(&mut self.chunks).into(),
+                rest,
+            },
+        })
+    }
+}
+
+/// The recording, for a copy that replays it once the original has streamed it all (a retry
+/// layer's copy); `None` when it cannot be replayed.
+fn deferrable<B>(recording: &Arc<Mutex<Recording<B>>>) -> Option<Arc<Mutex<Recording<B>>>> {
+    match lock(recording).state {
+        RecordingState::Abandoned(_) | RecordingState::Taken => None,
+        RecordingState::Recording | RecordingState::Complete => Some(recording.clone()),
     }
 }
 
@@ -444,35 +580,40 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     value.to_str().ok()?.trim().parse().ok()
 }
 
-fn lock(recording: &Mutex<Recording>) -> std::sync::MutexGuard<'_, Recording> {
+fn lock<B>(recording: &Mutex<Recording<B>>) -> std::sync::MutexGuard<'_, Recording<B>> {
     // `Recording` is consistent at every unlock; a panic elsewhere cannot corrupt it.
     recording.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How the replay will get its body.
-enum BodyReplay {
+enum BodyReplay<B> {
     /// The body was empty from the start: the replay sends an empty body.
     Empty,
     /// The first attempt records the body as it streams.
-    Recorded(Arc<Mutex<Recording>>),
+    Recorded(Arc<Mutex<Recording<B>>>),
+    /// Taken from the recording when the rejection arrived: what the replay sends.
+    Frozen(ReplayBody<B>),
 }
 
 /// Everything needed to send a request again, except the token.
-pub(crate) struct ReplayRequest {
+pub(crate) struct ReplayRequest<B> {
     method: Method,
     uri: Uri,
     version: Version,
     headers: HeaderMap,
     extensions: Extensions,
-    body: BodyReplay,
+    body: BodyReplay<B>,
 }
 
-impl ReplayRequest {
+impl<B> ReplayRequest<B> {
     /// What a replay of the request with these `parts` needs, when `body` (wrapped by
     /// [`ReplayBody::for_request`]) can be sent again.
     ///
     /// The copied headers may hold the first attempt's token; the replay overwrites it.
-    pub(crate) fn new<B>(parts: &request::Parts, body: &ReplayBody<B>) -> Option<ReplayRequest> {
+    pub(crate) fn new(
+        parts: &request::Parts,
+        body: &ReplayBody<B>,
+    ) -> Result<ReplayRequest<B>, NotReplayable> {
         let body_replay = match &body.kind {
             Kind::Streaming {
                 keep: Keep::Empty, ..
@@ -480,10 +621,12 @@ impl ReplayRequest {
             Kind::Streaming {
                 keep: Keep::Recording(recording),
                 ..
-            } => BodyReplay::Recorded(recording.clone()),
-            _ => return None,
+            }
+            | Kind::Shared { recording } => BodyReplay::Recorded(recording.clone()),
+            // Known to be larger than the cap before it was sent.
+            _ => return Err(NotReplayable::TooLarge),
         };
-        Some(ReplayRequest {
+        Ok(ReplayRequest {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
@@ -493,23 +636,17 @@ impl ReplayRequest {
         })
     }
 
-    /// The request for the replay, with the new credential; `None` when the first attempt did
-    /// not leave a complete body behind.
-    pub(crate) fn into_request<B>(
+    /// The request for the replay, with the new credential. Once this returned a request
+    /// whose body continues the caller's, the first attempt sends no more of it.
+    pub(crate) fn into_request(
         self,
         header_name: &http::HeaderName,
         credential: HeaderValue,
-    ) -> Option<Request<ReplayBody<B>>> {
+    ) -> Result<Request<ReplayBody<B>>, NotReplayable> {
         let body = match self.body {
             BodyReplay::Empty => ReplayBody::replay(Vec::new(), None),
-            BodyReplay::Recorded(recording) => {
-                let recording = lock(&recording);
-                if recording.state != RecordingState::Complete {
-                    return None;
-                }
-                // Copies of the references: a retry layer may replay the same recording too.
-                ReplayBody::replay(recording.chunks.clone(), recording.trailers.clone())
-            }
+            BodyReplay::Recorded(recording) => lock(&recording).replay_body()?,
+            BodyReplay::Frozen(body) => body,
         };
         let mut request = Request::new(body);
         *request.method_mut() = self.method;
@@ -520,15 +657,27 @@ impl ReplayRequest {
         request
             .headers_mut()
             .insert(header_name.clone(), credential);
-        Some(request)
+        Ok(request)
     }
 
-    /// Whether the replay has a complete body to send.
-    pub(crate) fn is_ready(&self) -> bool {
+    /// Whether the recording holds the whole body (what the completeness rules decide).
+    #[cfg(test)]
+    fn is_complete(&self) -> bool {
         match &self.body {
-            BodyReplay::Empty => true,
+            BodyReplay::Empty | BodyReplay::Frozen(_) => true,
             BodyReplay::Recorded(recording) => lock(recording).state == RecordingState::Complete,
         }
+    }
+
+    /// Settle what the replay sends, at the moment the rejection arrives, or say why it cannot
+    /// be replayed. A body still streaming is taken over here: from now on the first attempt
+    /// sends no more of it, so nothing it does later can change what the replay sends.
+    pub(crate) fn freeze(&mut self) -> Result<(), NotReplayable> {
+        if let BodyReplay::Recorded(recording) = &self.body {
+            let body = lock(recording).replay_body()?;
+            self.body = BodyReplay::Frozen(body);
+        }
+        Ok(())
     }
 }
 
@@ -540,7 +689,10 @@ mod tests {
     fn prepare<B: Body<Data = Bytes>>(
         request: Request<B>,
         cap: usize,
-    ) -> (Request<ReplayBody<B>>, Option<ReplayRequest>) {
+    ) -> (
+        Request<ReplayBody<B>>,
+        Result<ReplayRequest<B>, NotReplayable>,
+    ) {
         let (parts, body) = request.into_parts();
         let body = ReplayBody::for_request(&parts.headers, body, cap);
         let replay = ReplayRequest::new(&parts, &body);
@@ -559,12 +711,12 @@ mod tests {
             .unwrap();
         let (first, replay) = prepare(request, DEFAULT_MAX_REPLAY_BODY);
         let replay = replay.unwrap();
-        assert!(!replay.is_ready(), "nothing streamed yet");
+        assert!(!replay.is_complete(), "nothing streamed yet");
         let sent = first.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(sent, payload);
-        assert!(replay.is_ready());
+        assert!(replay.is_complete());
         let again = replay
-            .into_request::<Full<Bytes>>(&name(), HeaderValue::from_static("Bearer b"))
+            .into_request(&name(), HeaderValue::from_static("Bearer b"))
             .unwrap();
         assert_eq!(again.headers()[name()], "Bearer b");
         assert_eq!(again.body().size_hint().exact(), Some(10 * 1024));
@@ -587,17 +739,17 @@ mod tests {
             400,
             "the first attempt always streams everything"
         );
-        assert!(!replay.is_ready());
+        assert!(!replay.is_complete());
         assert!(replay
-            .into_request::<Full<Bytes>>(&name(), HeaderValue::from_static("x"))
-            .is_none());
+            .into_request(&name(), HeaderValue::from_static("x"))
+            .is_err());
     }
 
     #[test]
     fn known_large_body_is_not_even_recorded() {
         let body = Full::new(Bytes::from(vec![0u8; 1024]));
         let (_, replay) = prepare(Request::post("/").body(body).unwrap(), 1023);
-        assert!(replay.is_none());
+        assert!(replay.is_err());
     }
 
     #[tokio::test]
@@ -610,7 +762,7 @@ mod tests {
             .unwrap();
         let frame = first.body_mut().frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "part");
-        assert!(!replay.unwrap().is_ready());
+        assert!(!replay.unwrap().is_complete());
     }
 
     #[tokio::test]
@@ -623,7 +775,7 @@ mod tests {
         );
         let again = replay
             .unwrap()
-            .into_request::<Full<Bytes>>(&name(), HeaderValue::from_static("x"))
+            .into_request(&name(), HeaderValue::from_static("x"))
             .unwrap();
         assert!(again.body().is_end_stream());
 
@@ -638,7 +790,7 @@ mod tests {
         first.into_body().collect().await.unwrap();
         let again = replay
             .unwrap()
-            .into_request::<Full<Bytes>>(&name(), HeaderValue::from_static("x"))
+            .into_request(&name(), HeaderValue::from_static("x"))
             .unwrap();
         let collected = again.into_body().collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&trailers));
@@ -700,7 +852,7 @@ mod tests {
         body: B,
         content_length: Option<&'static str>,
         cap: usize,
-    ) -> (ReplayBody<B>, ReplayRequest) {
+    ) -> (ReplayBody<B>, ReplayRequest<B>) {
         let mut builder = Request::post("/upload");
         if let Some(len) = content_length {
             builder = builder.header(http::header::CONTENT_LENGTH, len);
@@ -720,9 +872,13 @@ mod tests {
         }
     }
 
-    async fn replayed(replay: ReplayRequest) -> http_body_util::Collected<Bytes> {
+    async fn replayed<B>(replay: ReplayRequest<B>) -> http_body_util::Collected<Bytes>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
         let request = replay
-            .into_request::<Full<Bytes>>(&name(), HeaderValue::from_static("x"))
+            .into_request(&name(), HeaderValue::from_static("x"))
             .unwrap();
         request.into_body().collect().await.unwrap()
     }
@@ -731,9 +887,9 @@ mod tests {
     async fn complete_when_the_body_returns_none() {
         let (mut first, replay) = wrap(stream(vec![data(b"ab"), data(b"cd")]), None, 1024);
         send_frames(&mut first, 2).await;
-        assert!(!replay.is_ready(), "the body has not said it ended");
+        assert!(!replay.is_complete(), "the body has not said it ended");
         assert!(first.frame().await.is_none());
-        assert!(replay.is_ready());
+        assert!(replay.is_complete());
         assert_eq!(replayed(replay).await.to_bytes(), "abcd");
     }
 
@@ -747,9 +903,9 @@ mod tests {
         };
         let (mut first, replay) = wrap(body, None, 1024);
         send_frames(&mut first, 1).await;
-        assert!(!replay.is_ready());
+        assert!(!replay.is_complete());
         send_frames(&mut first, 1).await;
-        assert!(replay.is_ready(), "no poll for the end needed");
+        assert!(replay.is_complete(), "no poll for the end needed");
         assert_eq!(replayed(replay).await.to_bytes(), "abcd");
     }
 
@@ -758,11 +914,11 @@ mod tests {
         let frames = vec![data(b"ab"), Ok(Frame::trailers(checksum()))];
         let (mut first, replay) = wrap(stream(frames), None, 1024);
         send_frames(&mut first, 1).await;
-        assert!(!replay.is_ready());
+        assert!(!replay.is_complete());
         send_frames(&mut first, 1).await;
-        assert!(replay.is_ready(), "trailers are the last frame");
+        assert!(replay.is_complete(), "trailers are the last frame");
         let again = replay
-            .into_request::<Full<Bytes>>(&name(), HeaderValue::from_static("x"))
+            .into_request(&name(), HeaderValue::from_static("x"))
             .unwrap();
         // Not exact: an HTTP/1 sender would frame it with content-length and drop the trailers.
         assert_eq!(again.body().size_hint().exact(), None);
@@ -777,9 +933,12 @@ mod tests {
         let body = sized(vec![data(b"ab"), data(b"cd")], 4);
         let (mut first, replay) = wrap(body, None, 1024);
         send_frames(&mut first, 1).await;
-        assert!(!replay.is_ready());
+        assert!(!replay.is_complete());
         send_frames(&mut first, 1).await;
-        assert!(replay.is_ready(), "the size the body announced is reached");
+        assert!(
+            replay.is_complete(),
+            "the size the body announced is reached"
+        );
         assert_eq!(replayed(replay).await.to_bytes(), "abcd");
     }
 
@@ -787,9 +946,12 @@ mod tests {
     async fn complete_at_the_content_length_when_the_body_has_no_size() {
         let (mut first, replay) = wrap(stream(vec![data(b"ab"), data(b"cd")]), Some("4"), 1024);
         send_frames(&mut first, 1).await;
-        assert!(!replay.is_ready());
+        assert!(!replay.is_complete());
         send_frames(&mut first, 1).await;
-        assert!(replay.is_ready(), "hyper stops polling at content-length");
+        assert!(
+            replay.is_complete(),
+            "hyper stops polling at content-length"
+        );
         assert_eq!(replayed(replay).await.to_bytes(), "abcd");
     }
 
@@ -799,11 +961,11 @@ mod tests {
         let (mut first, replay) = wrap(body, Some("2"), 1024);
         send_frames(&mut first, 1).await;
         assert!(
-            !replay.is_ready(),
+            !replay.is_complete(),
             "the header is not trusted over the body"
         );
         send_frames(&mut first, 1).await;
-        assert!(replay.is_ready());
+        assert!(replay.is_complete());
     }
 
     #[tokio::test]
@@ -811,14 +973,14 @@ mod tests {
         // In one frame.
         let (mut first, replay) = wrap(stream(vec![data(b"abcd")]), Some("2"), 1024);
         send_frames(&mut first, 1).await;
-        assert!(!replay.is_ready());
+        assert!(!replay.is_complete());
         assert!(first.try_clone().is_none());
         // After the announced length was reached.
         let (mut first, replay) = wrap(stream(vec![data(b"ab"), data(b"cd")]), Some("2"), 1024);
         send_frames(&mut first, 1).await;
-        assert!(replay.is_ready());
+        assert!(replay.is_complete());
         send_frames(&mut first, 1).await;
-        assert!(!replay.is_ready(), "the body broke its length");
+        assert!(!replay.is_complete(), "the body broke its length");
     }
 
     #[tokio::test]
@@ -826,7 +988,7 @@ mod tests {
         let frames = vec![data(b"ab"), Ok(Frame::trailers(checksum()))];
         let (mut first, replay) = wrap(stream(frames), Some("2"), 1024);
         send_frames(&mut first, 1).await;
-        assert!(replay.is_ready());
+        assert!(replay.is_complete());
         send_frames(&mut first, 1).await;
         let collected = replayed(replay).await;
         assert_eq!(collected.trailers(), Some(&checksum()));
@@ -841,7 +1003,7 @@ mod tests {
             .body(body)
             .unwrap();
         let (request, replay) = prepare(request, 3);
-        assert!(replay.is_none());
+        assert!(replay.is_err());
         assert!(request.body().try_clone().is_none());
     }
 
@@ -874,6 +1036,55 @@ mod tests {
         // A passed-through body with content keeps nothing.
         let passed = ReplayBody::passthrough(Full::new(Bytes::from_static(b"x")));
         assert!(passed.try_clone().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_replay_takes_over_the_rest_of_a_body_refused_mid_stream() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        let body = StreamBody::new(tokio_stream_from(rx));
+        let (mut first, replay) = prepare(Request::post("/").body(body).unwrap(), 1024);
+        let mut replay = replay.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"sent "))))
+            .await
+            .unwrap();
+        first.body_mut().frame().await.unwrap().unwrap();
+        assert!(!replay.is_complete());
+
+        // The rejection arrives: the replay takes over, the first attempt sends no more.
+        replay.freeze().unwrap();
+        assert!(first.body_mut().frame().await.unwrap().is_err());
+        tx.send(Ok(Frame::data(Bytes::from_static(b"and the rest"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let again = replay
+            .into_request(&name(), HeaderValue::from_static("x"))
+            .unwrap();
+        assert!(again.body().try_clone().is_none(), "the rest streams once");
+        let resent = again.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(resent, "sent and the rest");
+    }
+
+    #[tokio::test]
+    async fn the_reason_a_body_is_not_replayed_is_typed() {
+        let chunks =
+            (0..4).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![1u8; 100]))));
+        let body = StreamBody::new(futures::stream::iter(chunks));
+        let (first, replay) = prepare(Request::post("/").body(body).unwrap(), 250);
+        first.into_body().collect().await.unwrap();
+        assert_eq!(replay.unwrap().freeze(), Err(NotReplayable::TooLarge));
+
+        let failing = StreamBody::new(futures::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Err(std::io::Error::other("disk gone")),
+        ]));
+        let (first, replay) = prepare(Request::post("/").body(failing).unwrap(), 250);
+        assert!(first.into_body().collect().await.is_err());
+        assert_eq!(replay.unwrap().freeze(), Err(NotReplayable::BodyFailed));
+
+        let known_large = Full::new(Bytes::from(vec![0u8; 1024]));
+        let (_, replay) = prepare(Request::post("/").body(known_large).unwrap(), 1023);
+        assert_eq!(replay.err(), Some(NotReplayable::TooLarge));
     }
 
     fn tokio_stream_from<T: Send + 'static>(

@@ -16,7 +16,7 @@ use crate::future::ResponseFuture;
 use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::{AuthSettings, ExistingAuthorization};
 use crate::origin::Origin;
-use crate::replay::{ReplayBody, ReplayRequest};
+use crate::replay::{NotReplayable, ReplayBody, ReplayRequest};
 
 /// The service an [`AuthLayer`](crate::AuthLayer) builds. See the layer for the behaviour.
 ///
@@ -139,7 +139,7 @@ where
         let replay = if replay_allowed {
             ReplayRequest::new(&parts, &body)
         } else {
-            None
+            Err(NotReplayable::Refused)
         };
         let request = Request::from_parts(parts, self.inner_body.convert(body));
 
@@ -147,7 +147,7 @@ where
             Ok(generation) => {
                 // A replay needs the service again: keep the one that is ready for this call
                 // and leave a fresh clone behind (tower's `mem::replace` idiom).
-                let mut service = replay.as_ref().map(|_| self.take_ready_service());
+                let mut service = replay.is_ok().then(|| self.take_ready_service());
                 let future = match service.as_mut() {
                     Some(service) => service.call(request),
                     None => self.inner.call(request),

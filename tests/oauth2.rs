@@ -870,6 +870,13 @@ async fn slow_token_endpoint_hits_the_refresh_timeout() {
         "{error:?}"
     );
     assert_eq!(server.token_requests(), 1);
+
+    // The call may run for one more timeout, then it is cancelled and counts as a failure.
+    advance(timeout).await;
+    until("the call is given up", || {
+        cache.stats().refresh_failures == 1
+    })
+    .await;
     assert!(server.log().is_empty(), "the slow answer was never sent");
 
     // After the default 1 s backoff, a prompt server is asked again.
@@ -911,6 +918,13 @@ async fn a_rotation_answered_after_the_refresh_timeout_is_kept() {
         matches!(error, AuthError::RefreshTimeout { timeout: t } if t == timeout),
         "{error:?}"
     );
+
+    // The cache gives the call up after one more timeout (the grant's own task goes on).
+    advance(timeout).await;
+    until("the call is given up", || {
+        cache.stats().refresh_failures == 1
+    })
+    .await;
 
     // The answer arrives after everyone stopped waiting; the grant keeps what it carries.
     advance(slow).await;

@@ -11,10 +11,10 @@ use http_body::Frame;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tower::{ServiceBuilder, ServiceExt};
-use tower_auth_refresh::{predicate, AuthLayer, AuthService};
+use tower_auth_refresh::{predicate, AuthLayer, AuthService, NotReplayedCounts};
 
 use support::{
-    body_string, client, client_h2, http_provider, Api, IdentityProvider, TokenRegistry,
+    body_string, client, client_h2, http_provider, until, Api, IdentityProvider, TokenRegistry,
 };
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -154,7 +154,9 @@ async fn body_over_the_cap_is_not_replayed_and_its_401_comes_back_unchanged() {
         assert_eq!(body_string(response).await, "invalid or expired token");
         assert_eq!(w.api.requests(), before + 1, "{what}: sent once");
     }
-    assert_eq!(w.layer.cache().stats().replays, 0);
+    let stats = w.layer.cache().stats();
+    assert_eq!(stats.replays, 0);
+    assert_eq!(stats.not_replayed.too_large, 2, "the reason is counted");
     assert_eq!(
         w.idp.token_requests(),
         2,
@@ -189,33 +191,6 @@ async fn a_401_on_the_replay_comes_back_unchanged() {
 }
 
 #[tokio::test]
-async fn body_still_streaming_when_the_401_arrives_is_not_replayed() {
-    let w = world_with_revoked_token(default_layer).await;
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
-    let mut receiver = receiver;
-    let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
-    sender
-        .send(Ok(Frame::data(Bytes::from_static(b"first part"))))
-        .await
-        .unwrap();
-
-    let before = w.api.requests();
-    let request = Request::post(w.api.url("/reject-early"))
-        .body(BodyExt::boxed(StreamBody::new(stream)))
-        .unwrap();
-    let response =
-        tokio::time::timeout(Duration::from_secs(30), w.service.clone().oneshot(request))
-            .await
-            .expect("an early 401 must not wait for the rest of the body")
-            .unwrap();
-
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(w.api.requests(), before + 1);
-    assert_eq!(w.layer.cache().stats().replays, 0);
-    drop(sender);
-}
-
-#[tokio::test]
 async fn replay_can_be_limited_to_idempotent_methods() {
     let w = world_with_revoked_token(|idp| {
         AuthLayer::builder(http_provider(idp))
@@ -235,6 +210,7 @@ async fn replay_can_be_limited_to_idempotent_methods() {
         "POST is not replayed"
     );
     assert_eq!(w.api.requests(), 2);
+    assert_eq!(w.layer.cache().stats().not_replayed.refused, 1);
 
     // The 401 invalidated token-1; take token-2, then have the server reject it too.
     assert_eq!(w.layer.cache().token().await.unwrap().secret(), "token-2");
@@ -354,43 +330,61 @@ async fn streamed_upload_ending_in_trailers_is_replayed_over_http2() {
     upload_with_trailers(Protocol::Http2).await;
 }
 
-/// The server answers 401 before reading the upload: the body is still streaming, so there is
-/// nothing complete to replay and the 401 comes back.
-async fn upload_answered_early(protocol: Protocol) {
+/// A slow 5-chunk upload whose 401 arrives before the server read it (`/echo` checks the token
+/// first, as authentication middleware does): only the first chunk was sent when the rejection
+/// came. The replay sends what was recorded and then the rest of the caller's body, which the
+/// first attempt never sent: the server receives the upload byte-identical.
+async fn slow_upload_refused_early(protocol: Protocol, content_length: bool) {
     let w = world_speaking(protocol).await;
     let (sender, mut receiver) =
-        tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
     let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+    let chunks: Vec<Bytes> = (0..5u8).map(|i| Bytes::from(vec![i; 1024])).collect();
     sender
-        .send(Ok(Frame::data(Bytes::from(vec![0u8; 1024]))))
+        .send(Ok(Frame::data(chunks[0].clone())))
         .await
         .unwrap();
 
     let before = w.api.requests();
-    let request = Request::post(w.api.url("/reject-early"))
-        .header(header::CONTENT_LENGTH, 5 * 1024)
+    let mut request = Request::post(w.api.url("/echo"));
+    if content_length {
+        request = request.header(header::CONTENT_LENGTH, 5 * 1024);
+    }
+    let request = request
         .body(BodyExt::boxed(StreamBody::new(stream)))
         .unwrap();
-    let response =
-        tokio::time::timeout(Duration::from_secs(30), w.service.clone().oneshot(request))
-            .await
-            .expect("an early 401 must not wait for the rest of the body")
-            .unwrap();
-
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(body_string(response).await, "invalid or expired token");
-    assert_eq!(w.api.requests(), before + 1, "sent once");
-    assert_eq!(w.layer.cache().stats().replays, 0);
-    assert_eq!(w.idp.token_requests(), 1, "no refresh without a replay");
+    let call = tokio::spawn(w.service.clone().oneshot(request));
+    // The rest of the upload trickles in only once the rejection has arrived.
+    let api = w.api.clone();
+    until(|| api.rejected() == 1).await;
+    for chunk in &chunks[1..] {
+        sender.send(Ok(Frame::data(chunk.clone()))).await.unwrap();
+    }
     drop(sender);
+    let response = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the replay finishes once the upload does")
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let echoed = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(echoed, upload_bytes(), "byte-identical at the server");
+    assert_eq!(w.api.requests(), before + 2, "the attempt and one replay");
+    let stats = w.layer.cache().stats();
+    assert_eq!(stats.replays, 1);
+    assert_eq!(stats.not_replayed, NotReplayedCounts::default());
+    assert_eq!(w.idp.token_requests(), 2);
 }
 
 #[tokio::test]
-async fn upload_answered_before_it_was_read_is_not_replayed_over_http1() {
-    upload_answered_early(Protocol::Http1).await;
+async fn slow_upload_refused_before_it_was_read_is_replayed_over_http1() {
+    slow_upload_refused_early(Protocol::Http1, true).await;
+    slow_upload_refused_early(Protocol::Http1, false).await;
 }
 
 #[tokio::test]
-async fn upload_answered_before_it_was_read_is_not_replayed_over_http2() {
-    upload_answered_early(Protocol::Http2).await;
+async fn slow_upload_refused_before_it_was_read_is_replayed_over_http2() {
+    slow_upload_refused_early(Protocol::Http2, true).await;
+    slow_upload_refused_early(Protocol::Http2, false).await;
 }
