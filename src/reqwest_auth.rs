@@ -207,9 +207,7 @@ impl Settings {
     }
 
     fn replay_allowed(&self, request: &Request) -> bool {
-        self.replay_if
-            .as_ref()
-            .is_none_or(|allow| allow(request))
+        self.replay_if.as_ref().is_none_or(|allow| allow(request))
     }
 
     /// The credential for the next attempt: the cache's hot path, or the single refresh.

@@ -152,7 +152,11 @@ async fn a_401_on_the_replay_is_returned_unchanged() {
 
     let (status, _) = get(&client, &w.api, "/always-401").await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(w.api.requests(), 3, "token-2 was refused at once: no replay");
+    assert_eq!(
+        w.api.requests(),
+        3,
+        "token-2 was refused at once: no replay"
+    );
     assert_eq!(w.idp.token_requests(), 2);
     let stats = cache.stats();
     assert_eq!((stats.replays, stats.repeated_rejections), (1, 1));
@@ -299,7 +303,11 @@ async fn the_header_is_sensitive() {
         assert!(debug.contains("Sensitive"), "{debug}");
         assert!(!debug.contains("token-"), "{debug}");
     }
-    for text in [traces.text(), format!("{middleware:?}"), format!("{cache:?}")] {
+    for text in [
+        traces.text(),
+        format!("{middleware:?}"),
+        format!("{cache:?}"),
+    ] {
         assert!(!text.contains("token-1"), "{text}");
         assert!(!text.contains("token-2"), "{text}");
     }
@@ -322,7 +330,11 @@ async fn a_request_with_its_own_authorization_is_sent_as_it_is() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(w.api.requests(), 1);
     assert_eq!(w.idp.token_requests(), 0);
-    assert_eq!(w.registry.rejected_tokens(), 1, "the caller's token was sent");
+    assert_eq!(
+        w.registry.rejected_tokens(),
+        1,
+        "the caller's token was sent"
+    );
     assert_eq!(cache.stats().invalidations, 0);
 }
 
