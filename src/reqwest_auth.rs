@@ -53,12 +53,20 @@
 //! - **Errors** are [`reqwest_middleware::Error::Middleware`] wrapping an [`AuthError`]; reqwest's
 //!   own errors pass through as `Error::Reqwest`.
 //!
+//! To put the tower [`AuthLayer`](crate::AuthLayer) itself over reqwest instead (with tower's
+//! retry, timeout and limit layers around it, and replays of streamed bodies up to a cap), use
+//! [`ReqwestService`] as the inner service.
+//!
 //! Clients outside both (a hand-written loop over any HTTP client) can build the same thing on
 //! [`TokenCache::token`] and [`TokenCache::reject`].
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{Extensions, HeaderMap, HeaderName, StatusCode};
 use reqwest::{Request, Response, Url};
@@ -70,6 +78,7 @@ use crate::layer::ExistingAuthorization;
 use crate::origin::Origin;
 use crate::predicate::{self, RejectionPredicate};
 use crate::provider::TokenProvider;
+use crate::replay::ReplayBody;
 
 /// Decides from a reqwest request whether it may be replayed after a rejection.
 pub type ReplayPredicate = dyn Fn(&Request) -> bool + Send + Sync;
@@ -316,5 +325,74 @@ impl fmt::Debug for AuthMiddlewareBuilder {
             .field("existing", &self.settings.existing)
             .field("origins", &self.settings.origins)
             .finish_non_exhaustive()
+    }
+}
+
+/// A `reqwest::Client` as a tower service of `http` requests, to run below an
+/// [`AuthLayer`](crate::AuthLayer): the layer then gives reqwest exactly what it gives hyper,
+/// streamed bodies recorded for the replay included.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::ServiceBuilder;
+/// use tower_auth_refresh::reqwest_auth::ReqwestService;
+/// use tower_auth_refresh::{AuthLayer, StaticToken, Token};
+///
+/// let auth = AuthLayer::new(StaticToken::new(Token::new("secret")));
+/// let client = ServiceBuilder::new()
+///     .timeout(Duration::from_secs(60)) // bounds refresh + replay
+///     .layer(auth) // clones share one token cache
+///     .service(ReqwestService::new(reqwest::Client::new()));
+/// # drop(client);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ReqwestService {
+    client: reqwest::Client,
+}
+
+impl ReqwestService {
+    /// A service that sends every request with `client` (and its pool, TLS and proxy options).
+    pub fn new(client: reqwest::Client) -> Self {
+        Self { client }
+    }
+
+    /// The reqwest client.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+impl From<reqwest::Client> for ReqwestService {
+    fn from(client: reqwest::Client) -> Self {
+        Self::new(client)
+    }
+}
+
+/// The response future of [`ReqwestService`]: boxed, because reqwest does not name its own.
+pub type ReqwestFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<reqwest::Body>, reqwest::Error>> + Send>>;
+
+impl<B> tower_service::Service<http::Request<ReplayBody<B>>> for ReqwestService
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    type Response = http::Response<reqwest::Body>;
+    type Error = reqwest::Error;
+    type Future = ReqwestFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // reqwest queues requests in its own pool; it is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<ReplayBody<B>>) -> Self::Future {
+        // The body is streamed as the layer hands it down, so the layer records it for a replay.
+        let request = reqwest::Request::try_from(request.map(reqwest::Body::wrap));
+        let client = self.client.clone();
+        Box::pin(async move {
+            let response = client.execute(request?).await?;
+            Ok(http::Response::from(response))
+        })
     }
 }

@@ -17,10 +17,11 @@ use bytes::Bytes;
 use futures::future::join_all;
 use http::{Extensions, StatusCode};
 use http_body::Frame;
-use http_body_util::StreamBody;
+use http_body_util::{BodyExt, Empty, StreamBody};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware, Middleware, Next};
-use tower_auth_refresh::reqwest_auth::AuthMiddleware;
-use tower_auth_refresh::{AuthError, Origin, TokenCache};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_auth_refresh::reqwest_auth::{AuthMiddleware, ReqwestService};
+use tower_auth_refresh::{AuthError, AuthLayer, Origin, TokenCache};
 
 use support::{capture_traces, http_provider, Api, IdentityProvider, IdpMode, TokenRegistry};
 
@@ -381,4 +382,44 @@ async fn a_failed_refresh_is_a_typed_middleware_error() {
     );
     assert_eq!(w.idp.token_requests(), 1);
     assert_eq!(w.api.requests(), 0, "nothing sent without a token");
+}
+
+/// The tower layer over `ReqwestService`: reqwest gets what hyper gets, a streamed body
+/// recorded while it is sent and replayed once after a 401.
+#[tokio::test]
+async fn the_tower_layer_over_reqwest_replays_a_streamed_body() {
+    let w = world(Some(HOUR)).await;
+    w.idp.announce_expiry(false);
+    let layer = AuthLayer::new(http_provider(&w.idp));
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(ReqwestService::new(reqwest::Client::new()));
+    let request = http::Request::get(w.api.url("/whoami"))
+        .body(Empty::<Bytes>::new().boxed())
+        .unwrap();
+    let response = service.clone().oneshot(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "token-1");
+
+    w.registry.revoke_all();
+    // `/upload` reads the whole body before it checks the token, so the body has been
+    // recorded completely when the 401 arrives.
+    let chunks = ["first ", "second"]
+        .map(|chunk| Ok::<_, Infallible>(Frame::data(Bytes::from_static(chunk.as_bytes()))));
+    let request = http::Request::post(w.api.url("/upload"))
+        .body(StreamBody::new(futures::stream::iter(chunks)).boxed())
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "first second", "the replay sent the whole body again");
+
+    assert_eq!(w.idp.token_requests(), 2);
+    assert_eq!(
+        w.api.requests(),
+        3,
+        "the GET, the upload and its one replay"
+    );
+    let stats = layer.cache().stats();
+    assert_eq!((stats.replays, stats.invalidations), (1, 1));
 }
