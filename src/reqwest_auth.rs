@@ -46,10 +46,11 @@
 //!   can clone it ([`reqwest::Request::try_clone`]); a streaming body cannot be cloned, so its
 //!   rejection goes back to the caller unchanged (with a `debug` event saying so). No byte cap
 //!   applies: a cloneable body is already in memory.
-//! - **Redirects** are followed by reqwest itself, below the middleware; reqwest drops the
-//!   `Authorization` header when a redirect leaves the origin. A token in another header (see
-//!   [`header_name`](AuthMiddlewareBuilder::header_name)) is not dropped: scope the middleware
-//!   with [`allowed_origins`](AuthMiddlewareBuilder::allowed_origins), or turn redirects off.
+//! - **Redirects** are followed by reqwest itself, below the middleware, so
+//!   [`allowed_origins`](AuthMiddlewareBuilder::allowed_origins) sees only the first URL.
+//!   reqwest drops the `Authorization` header when a redirect leaves the origin, but not a token
+//!   in another header (see [`header_name`](AuthMiddlewareBuilder::header_name)): with one, turn
+//!   redirects off (`reqwest::redirect::Policy::none()`).
 //! - **Errors** are [`reqwest_middleware::Error::Middleware`] wrapping an [`AuthError`]; reqwest's
 //!   own errors pass through as `Error::Reqwest`.
 //!
