@@ -35,6 +35,8 @@
 //! - **One token for a fleet** (feature `redis`): processes whose caches share a
 //!   `redis_store::RedisStore` make one token request per refresh between them, and keep
 //!   working, each with its own token, while Redis is down. See [`store`].
+//! - **reqwest** (feature `reqwest`): `reqwest_auth::AuthMiddleware` gives a
+//!   `reqwest-middleware` client the same guarantees over the same [`TokenCache`].
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
@@ -53,6 +55,8 @@ pub mod provider;
 #[cfg(feature = "redis")]
 pub mod redis_store;
 pub mod replay;
+#[cfg(feature = "reqwest")]
+pub mod reqwest_auth;
 pub mod retry;
 mod retry_after;
 mod service;

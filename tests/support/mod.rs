@@ -141,6 +141,11 @@ impl IdentityProvider {
     pub fn set_latency(&self, latency: Duration) {
         *self.state.latency.lock().unwrap() = latency;
     }
+
+    /// How long the tokens issued from now on live (server side; `None`: forever).
+    pub fn set_ttl(&self, ttl: Option<Duration>) {
+        *self.state.ttl.lock().unwrap() = ttl;
+    }
 }
 
 async fn idp_handle(
