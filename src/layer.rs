@@ -157,6 +157,11 @@ impl fmt::Debug for AuthSettings {
 pub struct AuthLayerBuilder<C, I = Unchanged> {
     cache: C,
     inner_body: I,
+    options: LayerOptions,
+}
+
+/// The layer's own options, which become its [`AuthSettings`] next to the cache.
+struct LayerOptions {
     header_name: HeaderName,
     max_replay_body: usize,
     rejected: Box<RejectionPredicate>,
@@ -165,17 +170,33 @@ pub struct AuthLayerBuilder<C, I = Unchanged> {
     origins: Option<Vec<Origin>>,
 }
 
+impl LayerOptions {
+    fn into_settings(self, cache: TokenCache) -> AuthSettings {
+        AuthSettings {
+            cache,
+            header_name: self.header_name,
+            max_replay_body: self.max_replay_body,
+            rejected: self.rejected,
+            replay_if: self.replay_if,
+            existing: self.existing,
+            origins: self.origins,
+        }
+    }
+}
+
 impl<C> AuthLayerBuilder<C> {
     fn new(cache: C) -> Self {
         Self {
             cache,
             inner_body: Unchanged,
-            header_name: AUTHORIZATION,
-            max_replay_body: DEFAULT_MAX_REPLAY_BODY,
-            rejected: Box::new(predicate::unauthorized),
-            replay_if: None,
-            existing: ExistingAuthorization::Keep,
-            origins: None,
+            options: LayerOptions {
+                header_name: AUTHORIZATION,
+                max_replay_body: DEFAULT_MAX_REPLAY_BODY,
+                rejected: Box::new(predicate::unauthorized),
+                replay_if: None,
+                existing: ExistingAuthorization::Keep,
+                origins: None,
+            },
         }
     }
 }
@@ -190,12 +211,7 @@ impl<C, I> AuthLayerBuilder<C, I> {
         AuthLayerBuilder {
             cache: self.cache,
             inner_body: conversion,
-            header_name: self.header_name,
-            max_replay_body: self.max_replay_body,
-            rejected: self.rejected,
-            replay_if: self.replay_if,
-            existing: self.existing,
-            origins: self.origins,
+            options: self.options,
         }
     }
 
@@ -212,13 +228,13 @@ impl<C, I> AuthLayerBuilder<C, I> {
     /// # drop(layer);
     /// ```
     pub fn allowed_origins(mut self, origins: impl IntoIterator<Item = Origin>) -> Self {
-        self.origins = Some(origins.into_iter().collect());
+        self.options.origins = Some(origins.into_iter().collect());
         self
     }
 
     /// The header that carries the token. Default: `Authorization`.
     pub fn header_name(mut self, name: HeaderName) -> Self {
-        self.header_name = name;
+        self.options.header_name = name;
         self
     }
 
@@ -226,7 +242,7 @@ impl<C, I> AuthLayerBuilder<C, I> {
     /// rejection. Larger bodies are streamed as usual and their rejection goes back to the
     /// caller. Default: 64 KiB.
     pub fn max_replay_body(mut self, bytes: usize) -> Self {
-        self.max_replay_body = bytes;
+        self.options.max_replay_body = bytes;
         self
     }
 
@@ -235,7 +251,7 @@ impl<C, I> AuthLayerBuilder<C, I> {
     where
         F: Fn(StatusCode, &HeaderMap) -> bool + Send + Sync + 'static,
     {
-        self.rejected = Box::new(rejected);
+        self.options.rejected = Box::new(rejected);
         self
     }
 
@@ -246,29 +262,21 @@ impl<C, I> AuthLayerBuilder<C, I> {
     where
         F: Fn(&request::Parts) -> bool + Send + Sync + 'static,
     {
-        self.replay_if = Some(Box::new(replay_if));
+        self.options.replay_if = Some(Box::new(replay_if));
         self
     }
 
     /// What to do with requests that already carry the header. Default:
     /// [`ExistingAuthorization::Keep`].
     pub fn existing_authorization(mut self, existing: ExistingAuthorization) -> Self {
-        self.existing = existing;
+        self.options.existing = existing;
         self
     }
 
     fn finish(self, into_cache: impl FnOnce(C) -> TokenCache) -> AuthLayer<I> {
         AuthLayer {
             inner_body: self.inner_body,
-            settings: Arc::new(AuthSettings {
-                cache: into_cache(self.cache),
-                header_name: self.header_name,
-                max_replay_body: self.max_replay_body,
-                rejected: self.rejected,
-                replay_if: self.replay_if,
-                existing: self.existing,
-                origins: self.origins,
-            }),
+            settings: Arc::new(self.options.into_settings(into_cache(self.cache))),
         }
     }
 }
@@ -334,9 +342,9 @@ impl<C: fmt::Debug, I> fmt::Debug for AuthLayerBuilder<C, I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthLayerBuilder")
             .field("cache", &self.cache)
-            .field("header_name", &self.header_name)
-            .field("max_replay_body", &self.max_replay_body)
-            .field("existing", &self.existing)
+            .field("header_name", &self.options.header_name)
+            .field("max_replay_body", &self.options.max_replay_body)
+            .field("existing", &self.options.existing)
             .finish_non_exhaustive()
     }
 }

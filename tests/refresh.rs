@@ -464,21 +464,26 @@ async fn an_endpoint_that_refuses_every_token_costs_one_token_request_per_cooldo
     assert_eq!(w.api.requests(), 2020);
 }
 
+/// A 1 h token at 55:00, the advisory window, whose background refresh was answered 429 with
+/// `Retry-After: 600`: refreshing backs off until 65:00.
+async fn throttled_in_the_advisory_window() -> (World, AuthLayer, AuthService<Client>) {
+    let w = world(Some(HOUR)).await;
+    let layer = AuthLayer::new(http_provider(&w.idp));
+    let service = service(&layer);
+    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
+    advance(HOUR - Duration::from_secs(5 * 60)).await;
+    w.idp.set_mode(IdpMode::Throttle(600));
+    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
+    until(|| layer.cache().stats().refresh_failures == 1).await;
+    (w, layer, service)
+}
+
 /// Issue 11, item 7: a 1 h token whose background refresh is throttled for 10 minutes is still
 /// sent until it expires, inside the skew buffer too; once expired it is never sent.
 #[tokio::test(start_paused = true)]
 async fn a_throttled_background_refresh_never_refuses_a_valid_token() {
     let _clock = manual_clock();
-    let w = world(Some(HOUR)).await;
-    let layer = AuthLayer::new(http_provider(&w.idp));
-    let service = service(&layer);
-    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
-
-    // 55:00, the advisory window: the background refresh is answered 429, Retry-After: 600.
-    advance(HOUR - Duration::from_secs(5 * 60)).await;
-    w.idp.set_mode(IdpMode::Throttle(600));
-    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
-    until(|| layer.cache().stats().refresh_failures == 1).await;
+    let (w, layer, service) = throttled_in_the_advisory_window().await;
 
     // 59:30, inside the 60 s skew buffer, refreshing backs off until 65:00: token-1 is valid
     // for 30 s more, so it is sent.
@@ -512,15 +517,7 @@ async fn a_throttled_background_refresh_never_refuses_a_valid_token() {
 #[tokio::test(start_paused = true)]
 async fn a_401_during_a_background_backoff_refreshes_at_once() {
     let _clock = manual_clock();
-    let w = world(Some(HOUR)).await;
-    let layer = AuthLayer::new(http_provider(&w.idp));
-    let service = service(&layer);
-    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
-
-    advance(HOUR - Duration::from_secs(5 * 60)).await;
-    w.idp.set_mode(IdpMode::Throttle(600));
-    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
-    until(|| layer.cache().stats().refresh_failures == 1).await;
+    let (w, layer, service) = throttled_in_the_advisory_window().await;
 
     // The identity provider recovers, and the API revokes token-1 (say an idle timeout).
     w.idp.set_mode(IdpMode::Issue);
