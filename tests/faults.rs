@@ -427,11 +427,18 @@ async fn a_token_request_past_the_timeout_finishes_detached_and_is_bounded() {
     .build();
 
     let late = cache.token().await;
-    assert!(matches!(late, Err(AuthError::RefreshTimeout { .. })), "{late:?}");
+    assert!(
+        matches!(late, Err(AuthError::RefreshTimeout { .. })),
+        "{late:?}"
+    );
     assert_eq!(finished.load(Ordering::SeqCst), 0);
     tokio::time::advance(Duration::from_secs(1)).await;
     support::until(|| cache.stats().generation == Some(1)).await;
-    assert_eq!(cancelled.load(Ordering::SeqCst), 0, "the late answer was read");
+    assert_eq!(
+        cancelled.load(Ordering::SeqCst),
+        0,
+        "the late answer was read"
+    );
     let token_1 = cache.token().await.unwrap();
     assert_eq!(token_1.secret(), "token-1", "and its token is used");
     assert_eq!(cache.stats().token_requests, 1);
