@@ -47,7 +47,7 @@ use crate::error::{displayable_url, AuthError};
 
 mod client_credentials;
 mod discovery;
-mod form;
+pub(crate) mod form;
 pub mod genesys;
 pub mod nice_cxone;
 mod password;
