@@ -29,6 +29,9 @@ pub struct Token {
     expiry: Expiry,
     refresh_token: Option<Arc<str>>,
     scope: Option<Arc<str>>,
+    /// The OpenID Connect ID token that came with it, if any: a JWT about the client or user,
+    /// read for routing hints (such as a tenant), never sent. A secret like the others.
+    id_token: Option<Arc<str>>,
     /// When the request that produced it was sent, once known: the start of its life, from
     /// which the cache places its refresh windows, wherever in a fleet the token is used.
     issued_at: Option<Instant>,
@@ -57,6 +60,7 @@ impl Token {
             expiry: Expiry::Unknown,
             refresh_token: None,
             scope: None,
+            id_token: None,
             issued_at: None,
         }
     }
@@ -92,6 +96,17 @@ impl Token {
     pub fn with_scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = Some(Arc::from(scope.into()));
         self
+    }
+
+    /// Attach the OpenID Connect ID token (`id_token`) the identity provider returned.
+    pub fn with_id_token(mut self, id_token: impl Into<String>) -> Self {
+        self.id_token = Some(Arc::from(id_token.into()));
+        self
+    }
+
+    /// The OpenID Connect ID token, if the identity provider issued one. Also a secret.
+    pub fn id_token(&self) -> Option<&str> {
+        self.id_token.as_deref()
     }
 
     /// The access token itself. Handle with care: this is the secret.
@@ -164,6 +179,7 @@ impl fmt::Debug for Token {
                 &self.refresh_token.as_ref().map(|_| "<redacted>"),
             )
             .field("scope", &self.scope)
+            .field("id_token", &self.id_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -176,8 +192,10 @@ mod tests {
     fn debug_redacts_both_secrets() {
         let token = Token::new("access-secret")
             .with_refresh_token("refresh-secret")
+            .with_id_token("id-secret")
             .with_scope("read");
         let shown = format!("{token:?}");
+        assert!(!shown.contains("id-secret"), "{shown}");
         assert!(!shown.contains("access-secret"), "{shown}");
         assert!(!shown.contains("refresh-secret"), "{shown}");
         assert!(shown.contains("read"), "{shown}");

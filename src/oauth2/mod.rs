@@ -4,6 +4,8 @@
 //! - [`ClientCredentials`]: the `client_credentials` grant, for service-to-service batch jobs.
 //! - [`RefreshTokenGrant`]: the `refresh_token` grant, keeping the rotated refresh token, with
 //!   an optional fallback to client credentials when the refresh token is rejected.
+//! - [`PasswordGrant`]: the resource owner password grant, then the refresh tokens it returns
+//!   (rotation kept), and the password grant again when a refresh token is refused.
 //! - [`discover`]: an identity provider's metadata from its issuer URL alone (OpenID Connect
 //!   discovery, then RFC 8414).
 //! - Presets for [`genesys`] Cloud and [`nice_cxone`].
@@ -45,16 +47,18 @@ use crate::error::{displayable_url, AuthError};
 
 mod client_credentials;
 mod discovery;
-mod form;
+pub(crate) mod form;
 pub mod genesys;
 pub mod nice_cxone;
+mod password;
 mod refresh_token;
 mod response;
 mod transport;
 
 pub use client_credentials::{ClientCredentials, ClientCredentialsBuilder};
 pub use discovery::{discover, ProviderMetadata};
-pub use refresh_token::{RefreshTokenGrant, RefreshTokenGrantBuilder};
+pub use password::{PasswordGrant, PasswordGrantBuilder};
+pub use refresh_token::{Fallback, RefreshTokenGrant, RefreshTokenGrantBuilder};
 #[cfg(feature = "rustls")]
 pub use transport::default_transport;
 pub use transport::{transport, HttpTransport};
@@ -203,6 +207,7 @@ pub(crate) struct EndpointOptions {
 }
 
 /// [`EndpointOptions`], checked: the URL passed the policy and a transport is chosen.
+#[derive(Clone)]
 pub(crate) struct Endpoint {
     pub(crate) uri: Uri,
     pub(crate) client: Client,

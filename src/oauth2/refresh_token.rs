@@ -1,4 +1,7 @@
 //! The `refresh_token` grant (RFC 6749 section 6), with rotation and an optional fallback.
+//!
+//! [`PasswordGrant`](super::PasswordGrant) is this grant with the password grant as its
+//! fallback: one copy of the rotation and fallback logic for both.
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,6 +11,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use tracing::Instrument;
 
 use super::client_credentials::ClientCredentials;
+use super::password::PasswordExchange;
 use super::transport::{send, HttpTransport};
 use super::{token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::{AuthError, ErrorCode};
@@ -18,7 +22,9 @@ use crate::Token;
 /// (rotation), so the next refresh uses it.
 ///
 /// When there is no refresh token, or the server rejects it (`invalid_grant`), it falls back to
-/// client credentials if one was configured, and says so in a `warn` event; otherwise it
+/// another grant if one was configured ([`Fallback`]: client credentials here, the password
+/// grant in [`PasswordGrant`](super::PasswordGrant)), and says so in a `warn` event when a
+/// refresh token was rejected; otherwise it
 /// returns [`AuthError::NoRefreshToken`] or the `invalid_grant` error, which a batch can match
 /// on to stop cleanly.
 ///
@@ -55,8 +61,48 @@ struct Inner {
     /// fallback): two refreshes racing with one rotating token would make the second one fail.
     /// Owned guards let the request's own task hold it after its caller has gone.
     refresh_token: Arc<Mutex<Option<Secret>>>,
-    fallback: Option<ClientCredentials>,
+    fallback: Option<Fallback>,
     request_timeout: Duration,
+}
+
+/// A grant that needs no refresh token, used when there is none or the server refused it.
+///
+/// Made from a [`ClientCredentials`] (`.into()`); [`PasswordGrant`](super::PasswordGrant)
+/// makes its own from the resource owner's credentials.
+#[derive(Clone, Debug)]
+pub struct Fallback(FallbackGrant);
+
+#[derive(Clone, Debug)]
+enum FallbackGrant {
+    ClientCredentials(ClientCredentials),
+    Password(Arc<PasswordExchange>),
+}
+
+impl From<ClientCredentials> for Fallback {
+    fn from(grant: ClientCredentials) -> Self {
+        Self(FallbackGrant::ClientCredentials(grant))
+    }
+}
+
+impl Fallback {
+    pub(crate) fn password(exchange: PasswordExchange) -> Self {
+        Self(FallbackGrant::Password(Arc::new(exchange)))
+    }
+
+    /// The grant's name, as events show it.
+    fn name(&self) -> &'static str {
+        match &self.0 {
+            FallbackGrant::ClientCredentials(_) => "client credentials",
+            FallbackGrant::Password(_) => "password",
+        }
+    }
+
+    async fn request_token(&self) -> Result<Token, AuthError> {
+        match &self.0 {
+            FallbackGrant::ClientCredentials(grant) => grant.request_token().await,
+            FallbackGrant::Password(exchange) => exchange.request_token().await,
+        }
+    }
 }
 
 /// How long one refresh may take, fallback included, when nobody says otherwise: longer than
@@ -145,9 +191,7 @@ impl RefreshTokenGrant {
     ) -> Result<Token, AuthError> {
         let inner = &self.inner;
         let Some(refresh_token) = current.clone() else {
-            return self
-                .fall_back(&mut current, "there is no refresh token")
-                .await;
+            return self.fall_back(&mut current, Why::NoRefreshToken).await;
         };
         let mut params = vec![
             ("grant_type", "refresh_token"),
@@ -169,10 +213,7 @@ impl RefreshTokenGrant {
                 // The refresh token is dead; never send it again.
                 *current = None;
                 match &self.inner.fallback {
-                    Some(_) => {
-                        self.fall_back(&mut current, "the refresh token was rejected")
-                            .await
-                    }
+                    Some(_) => self.fall_back(&mut current, Why::Rejected).await,
                     None => Err(error),
                 }
             }
@@ -180,17 +221,63 @@ impl RefreshTokenGrant {
         }
     }
 
-    /// Client credentials instead; a refresh token in their answer is kept for next time.
-    async fn fall_back(&self, current: &mut Option<Secret>, why: &str) -> Result<Token, AuthError> {
+    /// The fallback grant instead; a refresh token in its answer is kept for next time.
+    async fn fall_back(&self, current: &mut Option<Secret>, why: Why) -> Result<Token, AuthError> {
         let Some(fallback) = &self.inner.fallback else {
             return Err(AuthError::NoRefreshToken);
         };
-        tracing::warn!(reason = why, "falling back to the client credentials grant");
+        let grant = fallback.name();
+        match (why, &fallback.0) {
+            // The password grant's first token, or its next after a refresh token came without
+            // a successor: its normal course, not worth a warning.
+            (Why::NoRefreshToken, FallbackGrant::Password(_)) => {
+                tracing::debug!(reason = why.text(), "using the password grant");
+            }
+            _ => tracing::warn!(reason = why.text(), "falling back to the {grant} grant"),
+        }
         let token = fallback.request_token().await?;
         if let Some(refresh_token) = token.refresh_token() {
             *current = Some(Secret::new(refresh_token));
         }
         Ok(token)
+    }
+}
+
+/// Why a refresh falls back.
+#[derive(Clone, Copy)]
+enum Why {
+    NoRefreshToken,
+    Rejected,
+}
+
+impl Why {
+    fn text(self) -> &'static str {
+        match self {
+            Why::NoRefreshToken => "there is no refresh token",
+            Why::Rejected => "the refresh token was rejected",
+        }
+    }
+}
+
+impl RefreshTokenGrant {
+    /// The grant over a checked endpoint, for [`PasswordGrant`](super::PasswordGrant).
+    pub(crate) fn from_parts(
+        endpoint: Endpoint,
+        refresh_token: Option<Secret>,
+        fallback: Fallback,
+        request_timeout: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                scope: None,
+                refresh_token: Arc::new(Mutex::new(
+                    refresh_token.filter(|token| !token.expose().is_empty()),
+                )),
+                fallback: Some(fallback),
+                request_timeout,
+            }),
+        }
     }
 }
 
@@ -221,7 +308,7 @@ pub struct RefreshTokenGrantBuilder {
     endpoint: EndpointOptions,
     refresh_token: Option<Secret>,
     scope: Option<String>,
-    fallback: Option<ClientCredentials>,
+    fallback: Option<Fallback>,
     request_timeout: Duration,
 }
 
@@ -245,9 +332,10 @@ impl RefreshTokenGrantBuilder {
         self
     }
 
-    /// Use client credentials when there is no usable refresh token. Default: none.
-    pub fn fallback(mut self, fallback: ClientCredentials) -> Self {
-        self.fallback = Some(fallback);
+    /// Use another grant (a [`ClientCredentials`]) when there is no usable refresh token.
+    /// Default: none.
+    pub fn fallback(mut self, fallback: impl Into<Fallback>) -> Self {
+        self.fallback = Some(fallback.into());
         self
     }
 

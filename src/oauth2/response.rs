@@ -55,6 +55,9 @@ pub(crate) fn token_from(answer: &Answer, now: SystemTime) -> Result<Token, Auth
     if let Some(scope) = json.get("scope").and_then(Value::as_str) {
         token = token.with_scope(scope);
     }
+    if let Some(id_token) = json.get("id_token").and_then(Value::as_str) {
+        token = token.with_id_token(id_token);
+    }
     Ok(token)
 }
 
@@ -142,15 +145,24 @@ fn expires_in(value: &Value) -> Option<Duration> {
     Some(Duration::try_from_secs_f64(seconds).unwrap_or(MAX_LIFETIME))
 }
 
-/// The lifetime a JWT access token's `exp` claim gives, read without verifying the signature:
-/// only the time is used, the token is the API's to check.
-fn jwt_lifetime(token: &str, now: SystemTime) -> Option<Duration> {
+/// The claims of a JWT, read without verifying its signature: only for what is not trusted
+/// (a lifetime, a routing hint); whoever receives the token checks it.
+pub(crate) fn jwt_claims(token: &str) -> Option<Map<String, Value>> {
     let mut segments = token.split('.');
     let (_header, payload, _signature) = (segments.next()?, segments.next()?, segments.next()?);
     if segments.next().is_some() || payload.len() > 16 * 1024 {
         return None;
     }
-    let claims: Value = serde_json::from_slice(&base64url_decode(payload)?).ok()?;
+    match serde_json::from_slice(&base64url_decode(payload)?).ok()? {
+        Value::Object(claims) => Some(claims),
+        _ => None,
+    }
+}
+
+/// The lifetime a JWT access token's `exp` claim gives, read without verifying the signature:
+/// only the time is used, the token is the API's to check.
+fn jwt_lifetime(token: &str, now: SystemTime) -> Option<Duration> {
+    let claims = jwt_claims(token)?;
     let exp = claims.get("exp")?.as_f64()?;
     if !exp.is_finite() || exp < 0.0 {
         return None;
