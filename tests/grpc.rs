@@ -12,13 +12,13 @@ mod grpc_server;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use tower::ServiceBuilder;
-use tower_auth_refresh::grpc::{self, EndOfStreamLayer, EndOfStreamService, TonicBody};
+use tower_auth_refresh::grpc::{self, TonicBody};
 use tower_auth_refresh::{AuthLayer, AuthService};
 
 use grpc_server::{codec, GrpcServer, Msg, COUNT, COUNT_THEN_REFUSE, SUM, UNARY};
 use support::{http_provider, IdentityProvider, TokenRegistry};
 
-type Client = tonic::client::Grpc<EndOfStreamService<AuthService<Channel, TonicBody>>>;
+type Client = tonic::client::Grpc<AuthService<Channel, TonicBody>>;
 
 struct World {
     idp: IdentityProvider,
@@ -44,7 +44,6 @@ async fn world() -> World {
         .token_rejected_when(grpc::unauthenticated)
         .build();
     let service = ServiceBuilder::new()
-        .layer(EndOfStreamLayer)
         .layer(auth.clone())
         .service(channel);
     World {
@@ -61,9 +60,9 @@ async fn unary(client: &mut Client, n: u32) -> Result<Msg, tonic::Status> {
         .ready()
         .await
         .map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    let response = client
-        .unary(tonic::Request::new(Msg::n(n)), UNARY, codec())
-        .await?;
+    let mut request = tonic::Request::new(Msg::n(n));
+    request.metadata_mut().insert("call-id", n.into());
+    let response = client.unary(request, UNARY, codec()).await?;
     Ok(response.into_inner())
 }
 
@@ -103,11 +102,14 @@ async fn unary_calls_survive_revocations_with_one_token_request_each() {
         let stats = w.auth.cache().stats();
         assert!(
             failed.is_empty(),
-            "round {round}: {} of {calls} calls failed, first: {:?}; {} refused, {} replays",
+            "round {round}: {} of {calls} calls failed, first: {:?}, refused {:?} times; \
+             {} refused in all; {stats:?}",
             failed.len(),
             failed.first(),
+            failed
+                .first()
+                .map(|(n, _)| w.server.refusals_of(&n.to_string())),
             w.server.refused(),
-            stats.replays,
         );
         // The last revocation comes with the last accepted call: nothing is refused after it.
         let revocations = calls / revoke_every;
@@ -241,7 +243,6 @@ async fn the_default_predicate_does_not_see_unauthenticated() {
         .inner_body(TonicBody)
         .build();
     let service = ServiceBuilder::new()
-        .layer(EndOfStreamLayer)
         .layer(auth.clone())
         .service(channel);
     let mut client = tonic::client::Grpc::new(service);

@@ -12,7 +12,7 @@
 //!   trailers, as a server does whose token check runs per message.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,6 +65,8 @@ struct Counters {
     refused: AtomicUsize,
     /// Distinct tokens the interceptor refused.
     refused_tokens: Mutex<HashSet<String>>,
+    /// Refusals per `call-id` metadata value, for calls that carry one.
+    refused_calls: Mutex<HashMap<String, usize>>,
     /// Revoke every issued token after this many accepted calls (0: never).
     revoke_every: AtomicUsize,
     /// How many times the server revoked every token.
@@ -119,6 +121,12 @@ impl GrpcServer {
         self.counters.refused_tokens.lock().unwrap().len()
     }
 
+    /// How many times the call whose `call-id` metadata is `id` was refused.
+    pub fn refusals_of(&self, id: &str) -> usize {
+        let calls = self.counters.refused_calls.lock().unwrap();
+        calls.get(id).copied().unwrap_or(0)
+    }
+
     /// Revoke every issued token each time `calls` more calls were accepted: the server-side
     /// expiry a client learns of only through `UNAUTHENTICATED`.
     pub fn revoke_every(&self, calls: usize) {
@@ -153,6 +161,10 @@ fn check_token(
         }
         token => {
             counters.refused.fetch_add(1, Ordering::SeqCst);
+            if let Some(id) = request.metadata().get("call-id") {
+                let id = id.to_str().unwrap_or_default().to_owned();
+                *counters.refused_calls.lock().unwrap().entry(id).or_default() += 1;
+            }
             if let Some(token) = token {
                 counters
                     .refused_tokens
