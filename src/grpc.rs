@@ -233,9 +233,8 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
 
-    type Frames = StreamBody<
-        futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>,
-    >;
+    type Frames =
+        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>>;
 
     fn frames(items: Vec<Result<Frame<Bytes>, std::io::Error>>) -> Frames {
         StreamBody::new(futures::stream::iter(items))
@@ -254,7 +253,10 @@ mod tests {
         let copy = replay.try_clone().unwrap();
         assert!(!copy.is_replayable());
         let mut body = ReadAhead::new(replay, READ_AHEAD);
-        assert!(copy.is_replayable(), "complete before any poll by a transport");
+        assert!(
+            copy.is_replayable(),
+            "complete before any poll by a transport"
+        );
         assert_eq!(body.size_hint().exact(), None, "never exact");
         assert_eq!(body.size_hint().lower(), 5);
         let frame = body.frame().await.unwrap().unwrap();
@@ -305,7 +307,9 @@ mod tests {
         let body = ReadAhead::new(body, READ_AHEAD);
         assert!(body.frames.is_empty());
         sender
-            .unbounded_send(Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"late"))))
+            .unbounded_send(Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(
+                b"late",
+            ))))
             .unwrap();
         drop(sender);
         let all = body.collect().await.unwrap().to_bytes();

@@ -43,9 +43,7 @@ async fn world() -> World {
         .inner_body(TonicBody)
         .token_rejected_when(grpc::unauthenticated)
         .build();
-    let service = ServiceBuilder::new()
-        .layer(auth.clone())
-        .service(channel);
+    let service = ServiceBuilder::new().layer(auth.clone()).service(channel);
     World {
         idp,
         server,
@@ -114,7 +112,11 @@ async fn unary_calls_survive_revocations_with_one_token_request_each() {
         // The last revocation comes with the last accepted call: nothing is refused after it.
         let revocations = calls / revoke_every;
         assert_eq!(w.server.revocations(), revocations, "round {round}");
-        assert_eq!(w.server.accepted(), calls, "round {round}: one accepted attempt per call");
+        assert_eq!(
+            w.server.accepted(),
+            calls,
+            "round {round}: one accepted attempt per call"
+        );
         assert_eq!(
             w.idp.token_requests(),
             revocations,
@@ -242,9 +244,7 @@ async fn the_default_predicate_does_not_see_unauthenticated() {
     let auth = AuthLayer::builder(http_provider(&idp))
         .inner_body(TonicBody)
         .build();
-    let service = ServiceBuilder::new()
-        .layer(auth.clone())
-        .service(channel);
+    let service = ServiceBuilder::new().layer(auth.clone()).service(channel);
     let mut client = tonic::client::Grpc::new(service);
     client.ready().await.unwrap();
     client

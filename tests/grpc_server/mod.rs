@@ -163,7 +163,12 @@ fn check_token(
             counters.refused.fetch_add(1, Ordering::SeqCst);
             if let Some(id) = request.metadata().get("call-id") {
                 let id = id.to_str().unwrap_or_default().to_owned();
-                *counters.refused_calls.lock().unwrap().entry(id).or_default() += 1;
+                *counters
+                    .refused_calls
+                    .lock()
+                    .unwrap()
+                    .entry(id)
+                    .or_default() += 1;
             }
             if let Some(token) = token {
                 counters
