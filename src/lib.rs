@@ -45,6 +45,8 @@
 pub mod cache;
 pub mod error;
 mod future;
+#[cfg(feature = "tonic")]
+pub mod grpc;
 pub mod inner_body;
 pub mod layer;
 #[cfg(feature = "oauth2")]
