@@ -37,9 +37,10 @@
 //! Memory check (outside criterion, printed after the group when run by `cargo bench`): a
 //! counting `#[global_allocator]` (this file only) wraps `std::alloc::System` and tracks the
 //! bytes currently allocated by the client's threads; the server runs on a separate runtime
-//! whose threads are not counted. 1,000 POSTs are put in flight at once (one pooled connection
-//! each, opened beforehand) to a server that reads each body to its end and then holds the
-//! response until all 1,000 have arrived. The growth in allocated bytes from before the requests
+//! whose threads are not counted. 1,000 POSTs are put in flight at once (over HTTP/1.1, one
+//! pooled connection each, opened beforehand; over HTTP/2, as streams of one connection) to a
+//! server that reads each body to its end and then holds the response until all 1,000 have
+//! arrived. The growth in allocated bytes from before the requests
 //! are created until all are held, divided by 1,000, is the client-side cost of one request in
 //! flight (its task, the request, the client's and the layer's state for it), with and without
 //! `AuthLayer`, for three bodies:
@@ -56,8 +57,8 @@
 //! The last column is what is still held, per request, once every response is in: `0` means
 //! nothing outlives the request.
 //!
-//! It needs about 2,000 file descriptors (`ulimit -n`) for the 1,000 connections and their
-//! server sides. Set `END_TO_END_MEMORY=0` to skip it.
+//! The HTTP/1.1 check needs about 2,000 file descriptors (`ulimit -n`) for the 1,000
+//! connections and their server sides. Set `END_TO_END_MEMORY=0` to skip it.
 //!
 //! ```text
 //! cargo bench --bench end_to_end
@@ -685,7 +686,7 @@ where
     }
 }
 
-fn memory_check() {
+fn memory_check(protocol: Protocol) {
     // The server: its own runtime, on threads the allocator does not count.
     let server_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -698,9 +699,8 @@ fn memory_check() {
         gate,
     });
     let state = server.clone();
-    let listening = server_runtime.block_on(serve(Protocol::Http1, move |request| {
-        hold(state.clone(), request)
-    }));
+    let listening =
+        server_runtime.block_on(serve(protocol, move |request| hold(state.clone(), request)));
     let uri: Uri = format!("http://{}/v1/upload", listening.addr)
         .parse()
         .expect("uri");
@@ -719,22 +719,23 @@ fn memory_check() {
         ("64KiB handed over", Bodies::HandedOver(BODY)),
         ("64KiB+1B handed over", Bodies::HandedOver(BODY + 1)),
     ];
-    let bare = client::<Full<Bytes>>(Protocol::Http1);
+    let bare = client::<Full<Bytes>>(protocol);
     let layer = auth_layer();
-    let auth = layer.layer(client::<ReplayBody<Full<Bytes>>>(Protocol::Http1));
+    let auth = layer.layer(client::<ReplayBody<Full<Bytes>>>(protocol));
     let authorization = bearer();
 
     println!();
     println!(
-        "end_to_end memory: client-side bytes held per request, {IN_FLIGHT} requests in flight \
-         (server side not counted)"
+        "end_to_end_{} memory: client-side bytes held per request, {IN_FLIGHT} requests in \
+         flight (server side not counted)",
+        protocol.name(),
     );
     println!(
         "{:<22} {:>14} {:>14} {:>12}   still held once all answered: bare / auth_layer",
         "body", "bare", "auth_layer", "difference"
     );
     runtime.block_on(async {
-        // Open one pooled connection per request in flight, for each client.
+        // Open the connections (HTTP/1.1: one per request in flight) of each client.
         hold_in_flight(
             &bare,
             &uri,
@@ -797,7 +798,9 @@ fn main() {
 
     let wanted = std::env::var("END_TO_END_MEMORY").map_or(true, |value| value != "0");
     if benching && wanted {
-        memory_check();
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            memory_check(protocol);
+        }
     }
 
     criterion.final_summary();
