@@ -1,17 +1,32 @@
 //! End to end over loopback: hyper-util's legacy client and a hyper server on 127.0.0.1, with
 //! and without `AuthLayer`; then how much memory a request in flight holds.
 //!
-//! Group `end_to_end`, on one 2-worker multi-thread tokio runtime that runs both the client and
-//! a minimal HTTP/1.1 server (it answers `200` and a 22-byte JSON body to any request with a
-//! `Bearer` authorization, `401` otherwise). 16 tasks share 2,048 GETs per iteration, so 16
-//! requests are in flight; each reads its response body to the end. Both variants use the same
-//! client configuration (`TCP_NODELAY`, default pool) and their own pool, warmed before
-//! measuring. Reported as requests/second (`Throughput::Elements`).
+//! Groups `end_to_end_http1` and `end_to_end_http2`, on one 2-worker multi-thread tokio runtime
+//! that runs both the client and a minimal hyper server (it answers `200` and a 22-byte JSON
+//! body to any request with a `Bearer` authorization, `401` otherwise). Each iteration is
+//! 4,096 GETs shared by concurrent tasks, each reading its response body to the end:
 //!
-//! - `bare`: the client alone; the caller puts a fixed `Authorization: Bearer ...` header on
-//!   each request, so the server sees the same bytes in both variants.
+//! - HTTP/1.1: 32 tasks, so 32 requests in flight over the client's pool (32 connections).
+//! - HTTP/2: 64 tasks over one multiplexed connection (`http2_only(true)`, prior knowledge),
+//!   so 64 concurrent streams; the bench asserts that each client opened exactly one
+//!   connection.
+//!
+//! Both variants use the same client configuration (`TCP_NODELAY`, default pool), the same
+//! server, and their own pool, warmed before measuring. Reported as requests/second
+//! (`Throughput::Elements`).
+//!
+//! - `static_header`: the client alone; the caller puts a fixed, sensitive
+//!   `Authorization: Bearer ...` header on each request, so the server sees the same bytes in
+//!   both variants.
 //! - `auth_layer`: `tower_auth_refresh::AuthLayer` over the client, with a `StaticToken` that
 //!   lives an hour (fetched before measuring; the bench asserts no refresh or replay happened).
+//!
+//! Criterion measures one variant after the other, so a machine whose load changes between
+//! them skews the ratio. The figure to quote is the interleaved comparison printed after the
+//! groups: for each protocol, rounds of 4,096 requests alternate between the variants (ABBA
+//! order), and the ratio `auth_layer / static_header` of requests per second is taken within
+//! each round; it prints the median ratio, its interquartile range, and each variant's median
+//! rate. `END_TO_END_ROUNDS` sets the rounds (default 40); `0` skips it.
 //!
 //! What limits it: client and server share 2 cores and the loopback TCP stack, so a request
 //! costs tens of microseconds of CPU (hyper and syscalls on both sides) and `AuthLayer`'s share
@@ -22,9 +37,10 @@
 //! Memory check (outside criterion, printed after the group when run by `cargo bench`): a
 //! counting `#[global_allocator]` (this file only) wraps `std::alloc::System` and tracks the
 //! bytes currently allocated by the client's threads; the server runs on a separate runtime
-//! whose threads are not counted. 1,000 POSTs are put in flight at once (one pooled connection
-//! each, opened beforehand) to a server that reads each body to its end and then holds the
-//! response until all 1,000 have arrived. The growth in allocated bytes from before the requests
+//! whose threads are not counted. 1,000 POSTs are put in flight at once (over HTTP/1.1, one
+//! pooled connection each, opened beforehand; over HTTP/2, as streams of one connection) to a
+//! server that reads each body to its end and then holds the response until all 1,000 have
+//! arrived. The growth in allocated bytes from before the requests
 //! are created until all are held, divided by 1,000, is the client-side cost of one request in
 //! flight (its task, the request, the client's and the layer's state for it), with and without
 //! `AuthLayer`, for three bodies:
@@ -41,14 +57,14 @@
 //! The last column is what is still held, per request, once every response is in: `0` means
 //! nothing outlives the request.
 //!
-//! It needs about 2,000 file descriptors (`ulimit -n`) for the 1,000 connections and their
-//! server sides. Set `END_TO_END_MEMORY=0` to skip it.
+//! The HTTP/1.1 check needs about 2,000 file descriptors (`ulimit -n`) for the 1,000
+//! connections and their server sides. Set `END_TO_END_MEMORY=0` to skip it.
 //!
 //! ```text
 //! cargo bench --bench end_to_end
 //! ```
 //!
-//! About 40 seconds.
+//! About a minute and a half.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -56,13 +72,13 @@ use std::convert::Infallible;
 use std::fmt::Debug;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
+use criterion::{Criterion, SamplingMode, Throughput};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -75,9 +91,13 @@ use tokio::sync::watch;
 use tower::{Layer, Service, ServiceExt};
 use tower_auth_refresh::{AuthLayer, ReplayBody, StaticToken, Token};
 
+mod common;
+
+use common::{ClonedParts, FloorLayer};
+
 const SECRET: &str = "eyJhbGciOiJSUzI1NiJ9.bench-access-token.signature";
-const CONCURRENCY: u64 = 16;
-const REQUESTS: u64 = 2_048;
+/// GETs per iteration (and per round of the interleaved comparison).
+const REQUESTS: u64 = 4_096;
 const ANSWER: &[u8] = br#"{"id":1,"name":"item"}"#;
 /// Requests held in flight at once by the memory check.
 const IN_FLIGHT: usize = 1_000;
@@ -153,29 +173,78 @@ fn held() -> isize {
 // ---------------------------------------------------------------------------------------------
 // Servers.
 
-/// Serve `handler` over HTTP/1.1 on a fresh loopback port, on the current runtime.
-async fn serve<H, F>(handler: H) -> SocketAddr
+/// The protocol a server speaks and a client uses, and how many requests a throughput run keeps
+/// in flight with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    /// HTTP/1.1, one connection per request in flight.
+    Http1,
+    /// HTTP/2 with prior knowledge, one connection multiplexing every stream.
+    Http2,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+        }
+    }
+
+    /// Tasks sharing the requests of an iteration: requests (or streams) in flight.
+    fn concurrency(self) -> u64 {
+        match self {
+            Protocol::Http1 => 32,
+            Protocol::Http2 => 64,
+        }
+    }
+}
+
+/// A server on a fresh loopback port, running on the current runtime.
+struct Server {
+    addr: SocketAddr,
+    /// Connections accepted so far.
+    connections: Arc<AtomicUsize>,
+}
+
+/// Serve `handler` over `protocol` on a fresh loopback port, on the current runtime.
+async fn serve<H, F>(protocol: Protocol, handler: H) -> Server
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local address");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = connections.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            accepted.fetch_add(1, Ordering::SeqCst);
             let _ = stream.set_nodelay(true);
-            let handler = handler.clone();
+            let service = hyper::service::service_fn(handler.clone());
+            let io = TokioIo::new(stream);
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), hyper::service::service_fn(handler))
-                    .await;
+                let _ = match protocol {
+                    Protocol::Http1 => {
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await
+                    }
+                    Protocol::Http2 => {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            // Room for every stream the memory check holds at once.
+                            .max_concurrent_streams(IN_FLIGHT as u32 + 64)
+                            .serve_connection(io, service)
+                            .await
+                    }
+                };
             });
         }
     });
-    addr
+    Server { addr, connections }
 }
 
 fn respond(status: StatusCode, body: &'static [u8]) -> Response<Full<Bytes>> {
@@ -225,15 +294,20 @@ async fn hold(
 // ---------------------------------------------------------------------------------------------
 // Clients.
 
-/// The one client configuration both variants use.
-fn client<B>() -> Client<HttpConnector, B>
+/// The one client configuration both variants use, for `protocol`.
+fn client<B>(protocol: Protocol) -> Client<HttpConnector, B>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
+    let mut builder = Client::builder(TokioExecutor::new());
+    if protocol == Protocol::Http2 {
+        builder.http2_only(true);
+    }
+    builder.build(connector)
 }
 
 fn auth_layer() -> AuthLayer {
@@ -291,87 +365,235 @@ where
 // ---------------------------------------------------------------------------------------------
 // Throughput.
 
-/// `CONCURRENCY` tasks share `REQUESTS` GETs per iteration, each through its own clone of
-/// `service`; `authorization` is the header the caller adds itself (`None` under the layer).
-fn bench_variant<S>(
-    group: &mut BenchmarkGroup<'_, WallTime>,
-    runtime: &Runtime,
-    name: &str,
-    service: &S,
-    uri: &Uri,
-    authorization: Option<HeaderValue>,
-) where
+/// One iteration: `protocol.concurrency()` tasks share `REQUESTS` GETs, each through its own
+/// clone of `service`; `authorization` is the header the caller adds itself (`None` under the
+/// layer).
+async fn run_batch<S>(protocol: Protocol, service: S, uri: Uri, authorization: Option<HeaderValue>)
+where
     S: Service<Request<Empty<Bytes>>, Response = Response<Incoming>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Debug,
 {
-    let per_task = REQUESTS / CONCURRENCY;
-    let run = move |service: S, uri: Uri, authorization: Option<HeaderValue>| async move {
-        let handles: Vec<_> = (0..CONCURRENCY)
-            .map(|_| {
-                let mut service = service.clone();
-                let uri = uri.clone();
-                let authorization = authorization.clone();
-                tokio::spawn(async move {
-                    for _ in 0..per_task {
-                        let request =
-                            request(Method::GET, &uri, Empty::new(), authorization.as_ref());
-                        let status = exchange(&mut service, request).await;
-                        assert_eq!(status, StatusCode::OK);
-                    }
-                })
-            })
-            .collect();
-        for handle in handles {
-            handle.await.expect("a request task panicked");
-        }
-    };
-
-    // Open the pool's connections before measuring.
-    runtime.block_on(run(service.clone(), uri.clone(), authorization.clone()));
-
-    group.bench_function(name, |b| {
-        b.to_async(runtime).iter_custom(|iters| {
-            let (service, uri, authorization) =
-                (service.clone(), uri.clone(), authorization.clone());
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    run(service.clone(), uri.clone(), authorization.clone()).await;
+    let tasks = protocol.concurrency();
+    let per_task = REQUESTS / tasks;
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let mut service = service.clone();
+            let uri = uri.clone();
+            let authorization = authorization.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_task {
+                    let request = request(Method::GET, &uri, Empty::new(), authorization.as_ref());
+                    let status = exchange(&mut service, request).await;
+                    assert_eq!(status, StatusCode::OK);
                 }
-                start.elapsed()
-            }
-        });
-    });
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.expect("a request task panicked");
+    }
 }
 
-fn end_to_end(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let addr = runtime.block_on(serve(api));
-    let uri: Uri = format!("http://{addr}/v1/items").parse().expect("uri");
+/// One variant of a throughput comparison: a service, and the header its caller adds itself.
+struct Variant<S> {
+    service: S,
+    authorization: Option<HeaderValue>,
+}
 
-    let bare = client::<Empty<Bytes>>();
+impl<S> Variant<S>
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<Incoming>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Debug,
+{
+    fn batch(&self, protocol: Protocol, uri: &Uri) -> impl Future<Output = ()> + Send + 'static {
+        run_batch(
+            protocol,
+            self.service.clone(),
+            uri.clone(),
+            self.authorization.clone(),
+        )
+    }
+
+    /// Opens the pool's connections: for HTTP/2 one request first, so the concurrent ones find
+    /// its connection instead of racing to open their own.
+    async fn warm(&self, protocol: Protocol, uri: &Uri) {
+        if protocol == Protocol::Http2 {
+            let request = request(Method::GET, uri, Empty::new(), self.authorization.as_ref());
+            let status = exchange(&mut self.service.clone(), request).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        self.batch(protocol, uri).await;
+    }
+
+    /// Warms the variant on `runtime`, checks its connections, and returns its batches.
+    fn into_batch(
+        self,
+        runtime: &Runtime,
+        server: &Server,
+        protocol: Protocol,
+        uri: &Uri,
+    ) -> Batch {
+        let before = server.connections.load(Ordering::SeqCst);
+        runtime.block_on(self.warm(protocol, uri));
+        let opened = server.connections.load(Ordering::SeqCst) - before;
+        if protocol == Protocol::Http2 {
+            assert_eq!(
+                opened, 1,
+                "an HTTP/2 client multiplexes over one connection"
+            );
+        }
+        let uri = uri.clone();
+        Box::new(move || Box::pin(self.batch(protocol, &uri)))
+    }
+}
+
+/// A variant's iteration, type-erased so that variants of different types take turns.
+type Batch = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>>>;
+
+/// A protocol's server and variants, warmed. The first two are the compared ones; the others
+/// say where a difference comes from.
+struct Setup {
+    variants: Vec<(&'static str, Batch)>,
+    layers: Vec<AuthLayer>,
+}
+
+fn setup(runtime: &Runtime, protocol: Protocol) -> Setup {
+    let server = runtime.block_on(serve(protocol, api));
+    let uri: Uri = format!("http://{}/v1/items", server.addr)
+        .parse()
+        .expect("uri");
     let layer = auth_layer();
-    let auth = layer.layer(client::<ReplayBody<Empty<Bytes>>>());
+    let no_replay = AuthLayer::builder(StaticToken::new(
+        Token::new(SECRET).with_expires_in(Duration::from_secs(3600)),
+    ))
+    .replay_when(|_| false)
+    .build();
+    let variants = vec![
+        (
+            "static_header",
+            Variant {
+                service: client::<Empty<Bytes>>(protocol),
+                authorization: Some(bearer()),
+            }
+            .into_batch(runtime, &server, protocol, &uri),
+        ),
+        (
+            "auth_layer",
+            Variant {
+                service: layer.layer(client::<ReplayBody<Empty<Bytes>>>(protocol)),
+                authorization: None,
+            }
+            .into_batch(runtime, &server, protocol, &uri),
+        ),
+        (
+            "auth_layer_no_replay",
+            Variant {
+                service: no_replay.layer(client::<ReplayBody<Empty<Bytes>>>(protocol)),
+                authorization: None,
+            }
+            .into_batch(runtime, &server, protocol, &uri),
+        ),
+        (
+            "floor",
+            Variant {
+                service: FloorLayer::<ClonedParts>::bearer(SECRET)
+                    .layer(client::<Empty<Bytes>>(protocol)),
+                authorization: None,
+            }
+            .into_batch(runtime, &server, protocol, &uri),
+        ),
+    ];
+    Setup {
+        variants,
+        layers: vec![layer, no_replay],
+    }
+}
 
-    let mut group = c.benchmark_group("end_to_end");
+fn end_to_end(c: &mut Criterion, runtime: &Runtime, protocol: Protocol) {
+    let setup = setup(runtime, protocol);
+    let mut group = c.benchmark_group(format!("end_to_end_{}", protocol.name()));
     group.sampling_mode(SamplingMode::Flat);
     group.sample_size(20);
     group.throughput(Throughput::Elements(REQUESTS));
-    bench_variant(&mut group, &runtime, "bare", &bare, &uri, Some(bearer()));
-    bench_variant(&mut group, &runtime, "auth_layer", &auth, &uri, None);
+    for (name, batch) in &setup.variants[..2] {
+        group.bench_function(*name, |b| {
+            b.to_async(runtime).iter_custom(|iters| {
+                let batches: Vec<_> = (0..iters).map(|_| batch()).collect();
+                async move {
+                    let start = Instant::now();
+                    for batch in batches {
+                        batch.await;
+                    }
+                    start.elapsed()
+                }
+            });
+        });
+    }
     group.finish();
+    assert_no_refresh_or_replay(&setup.layers);
+}
 
-    let stats = layer.cache().stats();
-    assert_eq!(
-        (stats.token_requests, stats.replays),
-        (1, 0),
-        "a refresh or a replay happened inside the measured loop"
+fn assert_no_refresh_or_replay(layers: &[AuthLayer]) {
+    for layer in layers {
+        let stats = layer.cache().stats();
+        assert_eq!(
+            (stats.token_requests, stats.replays),
+            (1, 0),
+            "a refresh or a replay happened inside the measured loop"
+        );
+    }
+}
+
+/// Every variant of `setup` in turns: in each round each variant runs one batch, in an order
+/// that rotates and reverses from round to round, and its rate is divided by the
+/// `static_header` rate of the same round.
+fn interleaved(runtime: &Runtime, protocol: Protocol, rounds: usize) {
+    let setup = setup(runtime, protocol);
+    let n = setup.variants.len();
+    let mut rates = vec![Vec::new(); n];
+    let mut ratios = vec![Vec::new(); n];
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..n).map(|i| (i + round) % n).collect();
+        if (round / n) % 2 == 1 {
+            order.reverse();
+        }
+        let mut rate = vec![0.0; n];
+        for i in order {
+            let start = Instant::now();
+            runtime.block_on((setup.variants[i].1)());
+            rate[i] = REQUESTS as f64 / start.elapsed().as_secs_f64();
+        }
+        for i in 0..n {
+            rates[i].push(rate[i]);
+            ratios[i].push(rate[i] / rate[0]);
+        }
+    }
+    assert_no_refresh_or_replay(&setup.layers);
+    let quantile = |values: &mut Vec<f64>, q: f64| {
+        values.sort_by(f64::total_cmp);
+        values[((values.len() - 1) as f64 * q).round() as usize]
+    };
+    println!(
+        "end_to_end_{} interleaved: {rounds} rounds of {REQUESTS} GETs per variant, {} in \
+         flight",
+        protocol.name(),
+        protocol.concurrency(),
     );
+    println!(
+        "  {:<22} {:>14}   ratio to static_header per round: median [interquartile]",
+        "variant", "median req/s"
+    );
+    for (i, (name, _)) in setup.variants.iter().enumerate() {
+        println!(
+            "  {name:<22} {:>12.1} K   {:.3}x [{:.3}x, {:.3}x]",
+            quantile(&mut rates[i], 0.5) / 1e3,
+            quantile(&mut ratios[i], 0.5),
+            quantile(&mut ratios[i], 0.25),
+            quantile(&mut ratios[i], 0.75),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,7 +686,7 @@ where
     }
 }
 
-fn memory_check() {
+fn memory_check(protocol: Protocol) {
     // The server: its own runtime, on threads the allocator does not count.
     let server_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -477,8 +699,11 @@ fn memory_check() {
         gate,
     });
     let state = server.clone();
-    let addr = server_runtime.block_on(serve(move |request| hold(state.clone(), request)));
-    let uri: Uri = format!("http://{addr}/v1/upload").parse().expect("uri");
+    let listening =
+        server_runtime.block_on(serve(protocol, move |request| hold(state.clone(), request)));
+    let uri: Uri = format!("http://{}/v1/upload", listening.addr)
+        .parse()
+        .expect("uri");
 
     // The client: every allocation of its threads is counted, this one's included.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -494,22 +719,23 @@ fn memory_check() {
         ("64KiB handed over", Bodies::HandedOver(BODY)),
         ("64KiB+1B handed over", Bodies::HandedOver(BODY + 1)),
     ];
-    let bare = client::<Full<Bytes>>();
+    let bare = client::<Full<Bytes>>(protocol);
     let layer = auth_layer();
-    let auth = layer.layer(client::<ReplayBody<Full<Bytes>>>());
+    let auth = layer.layer(client::<ReplayBody<Full<Bytes>>>(protocol));
     let authorization = bearer();
 
     println!();
     println!(
-        "end_to_end memory: client-side bytes held per request, {IN_FLIGHT} requests in flight \
-         (server side not counted)"
+        "end_to_end_{} memory: client-side bytes held per request, {IN_FLIGHT} requests in \
+         flight (server side not counted)",
+        protocol.name(),
     );
     println!(
         "{:<22} {:>14} {:>14} {:>12}   still held once all answered: bare / auth_layer",
         "body", "bare", "auth_layer", "difference"
     );
     runtime.block_on(async {
-        // Open one pooled connection per request in flight, for each client.
+        // Open the connections (HTTP/1.1: one per request in flight) of each client.
         hold_in_flight(
             &bare,
             &uri,
@@ -544,16 +770,37 @@ fn main() {
         .warm_up_time(Duration::from_secs(2))
         .measurement_time(Duration::from_secs(6))
         .configure_from_args();
-    end_to_end(&mut criterion);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    for protocol in [Protocol::Http1, Protocol::Http2] {
+        end_to_end(&mut criterion, &runtime, protocol);
+    }
 
-    // `cargo bench` passes `--bench`; `cargo test --benches` does not. Skip it when listing or
-    // when criterion only checks that the benches run (`--test`).
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not. Skip the rest when
+    // listing or when criterion only checks that the benches run (`--test`).
     let args: Vec<String> = std::env::args().collect();
     let has = |flag: &str| args.iter().any(|arg| arg == flag);
     let benching = has("--bench") && !has("--list") && !has("--test");
+    let rounds = std::env::var("END_TO_END_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(40);
+    if benching && rounds > 0 {
+        println!();
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            interleaved(&runtime, protocol, rounds);
+        }
+    }
+    drop(runtime);
+
     let wanted = std::env::var("END_TO_END_MEMORY").map_or(true, |value| value != "0");
     if benching && wanted {
-        memory_check();
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            memory_check(protocol);
+        }
     }
 
     criterion.final_summary();

@@ -7,12 +7,22 @@
 //! - `{get,post_1k}/bare`: the inner service alone; the floor.
 //! - `{get,post_1k}/add_authorization`: tower-http's `AddAuthorizationLayer::bearer`, marked
 //!   sensitive: the baseline, a fixed header value and nothing else.
+//! - `{get,post_1k}/floor`: the least any layer that can replay a request must do
+//!   (`FloorLayer<ClonedParts>` in `benches/common/mod.rs`): insert a prebuilt sensitive
+//!   `Authorization` value and keep `http::request::Parts` clones of the head (method, URI,
+//!   version, headers, extensions) until the response future completes. No token cache, no
+//!   body wrapper, no replay.
+//! - `{get,post_1k}/floor_head`: the same floor keeping the head as the crate's one-allocation
+//!   `RequestHead` (`src/head.rs`) instead of `Parts` clones.
 //! - `{get,post_1k}/auth_layer`: `tower_auth_refresh::AuthLayer` over a `StaticToken` that
 //!   lives an hour, cache warmed before measuring, so every request reads the cached token and
 //!   prepares a possible replay (for `post_1k`, the 1 KiB body is kept as it streams: a
 //!   reference count, not a copy).
+//! - `{get,post_1k}/auth_layer_no_replay`: the same with `replay_when(|_| false)`: no copy of
+//!   the head, to compare with `add_authorization`.
 //!
-//! The overhead to compare is `(auth_layer - bare) / (add_authorization - bare)`.
+//! The ratios to compare, within one run: `auth_layer / floor` (what the layer costs beyond
+//! what replaying requires) and `auth_layer_no_replay / add_authorization`.
 //!
 //! Group `contention`, on a 2-worker multi-thread runtime: 1, 2, 8 or 64 tasks share 16,384 GET
 //! requests per iteration, each task sending through its own clone of one service, so they all
@@ -44,9 +54,10 @@ use tower_http::auth::AddAuthorizationLayer;
 
 mod common;
 
+use common::head::RequestHead;
 use common::{
-    bench_contended, get_request, multi_thread_runtime, request, send, Ok200, CONTENDED_REQUESTS,
-    SECRET, TASK_COUNTS,
+    bench_contended, get_request, multi_thread_runtime, request, send, ClonedParts, FloorLayer,
+    Ok200, CONTENDED_REQUESTS, SECRET, TASK_COUNTS,
 };
 
 const POST_BODY_LEN: usize = 1024;
@@ -80,7 +91,7 @@ fn current_thread_runtime() -> Runtime {
 
 /// Measures one variant. The service is built once by the caller; each sample clones it once,
 /// outside the timed region, then drives every request through `&mut` to that clone. That is
-/// how a task holding a client uses it, and it is identical for the three variants: a clone
+/// how a task holding a client uses it, and it is identical for every variant: a clone
 /// per request would add a different constant to each (an `Arc` increment for `AuthService`,
 /// a `HeaderValue` clone for `AddAuthorization`, nothing for `Ok200`) that is not the cost of
 /// adding a token. Clones per task are what the `contention` group measures.
@@ -108,8 +119,8 @@ fn bench_variant<S, B>(
     });
 }
 
-/// The three variants for one kind of request, in one group so the ratios compare runs made
-/// under the same conditions.
+/// The variants for one kind of request, in one group so the ratios compare runs made under
+/// the same conditions.
 fn bench_kind<B>(
     group: &mut BenchmarkGroup<'_, WallTime>,
     runtime: &Runtime,
@@ -121,12 +132,22 @@ fn bench_kind<B>(
 {
     let bare = Ok200;
     let baseline = add_authorization().layer(Ok200);
+    let floor = FloorLayer::<ClonedParts>::bearer(SECRET).layer(Ok200);
+    let floor_head = FloorLayer::<RequestHead>::bearer(SECRET).layer(Ok200);
     let layer = auth_layer();
     let auth = layer.layer(Ok200);
+    let no_replay_layer = AuthLayer::builder(StaticToken::new(
+        Token::new(SECRET).with_expires_in(Duration::from_secs(3600)),
+    ))
+    .replay_when(|_| false)
+    .build();
+    let no_replay = no_replay_layer.layer(Ok200);
 
-    // Warm the cache: the first request fetches the token; none of the measured ones may.
+    // Warm the caches: the first request fetches the token; none of the measured ones may.
     runtime.block_on(send(&mut auth.clone(), make_request()));
+    runtime.block_on(send(&mut no_replay.clone(), make_request()));
     assert_eq!(layer.cache().stats().token_requests, 1);
+    assert_eq!(no_replay_layer.cache().stats().token_requests, 1);
 
     bench_variant(group, runtime, &format!("{kind}/bare"), &bare, make_request);
     bench_variant(
@@ -139,17 +160,40 @@ fn bench_kind<B>(
     bench_variant(
         group,
         runtime,
+        &format!("{kind}/floor"),
+        &floor,
+        make_request,
+    );
+    bench_variant(
+        group,
+        runtime,
+        &format!("{kind}/floor_head"),
+        &floor_head,
+        make_request,
+    );
+    bench_variant(
+        group,
+        runtime,
         &format!("{kind}/auth_layer"),
         &auth,
         make_request,
     );
-
-    let stats = layer.cache().stats();
-    assert_eq!(
-        (stats.token_requests, stats.replays),
-        (1, 0),
-        "a refresh or a replay happened inside the measured loop"
+    bench_variant(
+        group,
+        runtime,
+        &format!("{kind}/auth_layer_no_replay"),
+        &no_replay,
+        make_request,
     );
+
+    for layer in [&layer, &no_replay_layer] {
+        let stats = layer.cache().stats();
+        assert_eq!(
+            (stats.token_requests, stats.replays),
+            (1, 0),
+            "a refresh or a replay happened inside the measured loop"
+        );
+    }
 }
 
 fn hot_path(c: &mut Criterion) {

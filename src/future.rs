@@ -230,10 +230,9 @@ where
                     else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
-                    // Frozen when the rejection arrived: it cannot fail any more.
-                    let Ok(request) = replay.into_request(&settings.header_name, credential) else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
+                    // The body was frozen when the rejection arrived, and the head was
+                    // captured from a valid request: restoring them does not fail.
+                    let request = replay.into_request(&settings.header_name, credential)?;
                     settings.cache.record_replay();
                     tracing::debug!("token rejected; replaying the request with a new token");
                     let request: Request<ReplayBody<B>> = request;

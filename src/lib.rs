@@ -47,6 +47,7 @@ pub mod error;
 mod future;
 #[cfg(feature = "tonic")]
 pub mod grpc;
+mod head;
 pub mod inner_body;
 pub mod layer;
 #[cfg(feature = "oauth2")]

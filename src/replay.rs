@@ -32,10 +32,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::{request, Extensions, HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use http::{request, HeaderMap, HeaderValue, Request};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower::BoxError;
+
+use crate::head::RequestHead;
 
 const NOT_REPLAYABLE: &str =
     "request body cannot be replayed: the first attempt had not sent all of it, or it outgrew the cap";
@@ -414,6 +416,8 @@ pub enum NotReplayable {
     Refused,
 }
 
+impl std::error::Error for NotReplayable {}
+
 impl fmt::Display for NotReplayable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -597,11 +601,8 @@ enum BodyReplay<B> {
 
 /// Everything needed to send a request again, except the token.
 pub(crate) struct ReplayRequest<B> {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    extensions: Extensions,
+    /// The request head in one allocation: only a replay parses it back.
+    head: RequestHead,
     body: BodyReplay<B>,
 }
 
@@ -627,11 +628,7 @@ impl<B> ReplayRequest<B> {
             _ => return Err(NotReplayable::TooLarge),
         };
         Ok(ReplayRequest {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts.headers.clone(),
-            extensions: parts.extensions.clone(),
+            head: RequestHead::capture(parts),
             body: body_replay,
         })
     }
@@ -642,18 +639,13 @@ impl<B> ReplayRequest<B> {
         self,
         header_name: &http::HeaderName,
         credential: HeaderValue,
-    ) -> Result<Request<ReplayBody<B>>, NotReplayable> {
+    ) -> Result<Request<ReplayBody<B>>, BoxError> {
         let body = match self.body {
             BodyReplay::Empty => ReplayBody::replay(Vec::new(), None),
             BodyReplay::Recorded(recording) => lock(&recording).replay_body()?,
             BodyReplay::Frozen(body) => body,
         };
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method;
-        *request.uri_mut() = self.uri;
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers;
-        *request.extensions_mut() = self.extensions;
+        let mut request = self.head.into_request(body)?;
         request
             .headers_mut()
             .insert(header_name.clone(), credential);

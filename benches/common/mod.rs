@@ -1,9 +1,16 @@
 //! Shared by the benches: the in-process inner service, the requests they send, the contended
-//! loop of the `contention` groups, and the baseline `AuthLayer` is compared against under
-//! contention, a hand-written layer that keeps the token behind a `tokio::sync::Mutex`.
+//! loop of the `contention` groups, the baseline `AuthLayer` is compared against under
+//! contention (a hand-written layer that keeps the token behind a `tokio::sync::Mutex`), and
+//! the floor of the hot path (a layer that does only what any replay-capable layer must).
 //!
 //! Not a bench target itself (Cargo only discovers `benches/*.rs` and `benches/*/main.rs`).
 #![allow(dead_code)]
+
+/// The crate-private `RequestHead`, compiled from the crate's own file so the benches measure
+/// the code the crate runs.
+#[allow(dead_code)]
+#[path = "../../src/head.rs"]
+pub mod head;
 
 use std::convert::Infallible;
 use std::fmt::Debug;
@@ -19,6 +26,7 @@ use bytes::Bytes;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId};
 use http::header::{self, AUTHORIZATION};
+use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::Empty;
@@ -263,5 +271,143 @@ where
             request.headers_mut().insert(AUTHORIZATION, value);
             inner.call(request).await.map_err(Into::into)
         })
+    }
+}
+
+/// What a [`FloorLayer`] keeps of each request's head until its response arrives.
+pub trait KeepHead: Send + 'static {
+    /// Copies the head of a request about to be sent.
+    fn keep(parts: &Parts) -> Self;
+}
+
+/// The head as `http` clones it: `Method`, `Uri`, `HeaderMap` and `Extensions` clones, which is
+/// what `AuthLayer` keeps today.
+pub struct ClonedParts(pub Parts);
+
+impl KeepHead for ClonedParts {
+    fn keep(parts: &Parts) -> Self {
+        let (mut copy, ()) = Request::new(()).into_parts();
+        copy.method = parts.method.clone();
+        copy.uri = parts.uri.clone();
+        copy.version = parts.version;
+        copy.headers = parts.headers.clone();
+        copy.extensions = parts.extensions.clone();
+        ClonedParts(copy)
+    }
+}
+
+impl KeepHead for head::RequestHead {
+    fn keep(parts: &Parts) -> Self {
+        head::RequestHead::capture(parts)
+    }
+}
+
+/// The floor of the hot path: the least a layer that can replay a request after a 401 must do.
+/// It inserts a prebuilt, sensitive `Authorization` value (no token cache, no clock) and keeps
+/// a copy of the request head (`H`) alive until the response future completes, because after
+/// the inner service has consumed the request nothing can give its head back. It never
+/// replays, never wraps the body and never looks at the response.
+///
+/// `FloorLayer<ClonedParts>` keeps the head as `http::request::Parts` clones (the floor of
+/// `AuthLayer` as it copies today); `FloorLayer<head::RequestHead>` keeps the one-allocation
+/// snapshot.
+pub struct FloorLayer<H> {
+    header: HeaderValue,
+    head: std::marker::PhantomData<fn() -> H>,
+}
+
+impl<H> FloorLayer<H> {
+    /// Sends `Bearer <secret>`, marked sensitive.
+    pub fn bearer(secret: &str) -> Self {
+        let mut header =
+            HeaderValue::from_str(&format!("Bearer {secret}")).expect("a valid header value");
+        header.set_sensitive(true);
+        FloorLayer {
+            header,
+            head: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<H> Clone for FloorLayer<H> {
+    fn clone(&self) -> Self {
+        FloorLayer {
+            header: self.header.clone(),
+            head: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S, H> Layer<S> for FloorLayer<H> {
+    type Service = Floor<S, H>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Floor {
+            inner,
+            header: self.header.clone(),
+            head: std::marker::PhantomData,
+        }
+    }
+}
+
+/// The service [`FloorLayer`] builds.
+pub struct Floor<S, H> {
+    inner: S,
+    header: HeaderValue,
+    head: std::marker::PhantomData<fn() -> H>,
+}
+
+impl<S: Clone, H> Clone for Floor<S, H> {
+    fn clone(&self) -> Self {
+        Floor {
+            inner: self.inner.clone(),
+            header: self.header.clone(),
+            head: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S, H, B> Service<Request<B>> for Floor<S, H>
+where
+    S: Service<Request<B>>,
+    H: KeepHead,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = FloorFuture<S::Future, H>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (mut parts, body) = request.into_parts();
+        parts.headers.insert(AUTHORIZATION, self.header.clone());
+        let head = H::keep(&parts);
+        FloorFuture {
+            inner: self.inner.call(Request::from_parts(parts, body)),
+            head: Some(head),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner future, and the head kept until it completes.
+    pub struct FloorFuture<F, H> {
+        #[pin]
+        inner: F,
+        head: Option<H>,
+    }
+}
+
+impl<F: Future, H> Future for FloorFuture<F, H> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        // The response is in: no replay can be needed any more.
+        *this.head = None;
+        Poll::Ready(output)
     }
 }
