@@ -61,6 +61,8 @@ pub mod retry;
 mod retry_after;
 mod service;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod token;
 
 pub use cache::{CacheStats, NotReplayedCounts, Rejection, TokenCache, TokenCacheBuilder};
