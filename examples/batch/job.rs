@@ -434,6 +434,9 @@ async fn run_pages(
         .build();
     let http = Client::builder(TokioExecutor::new()).build::<_, ReplayBody<Full<Bytes>>>(https);
     let policy = RetryPolicy::builder()
+        // Every request of the job reads a page, a POST query included (the analytics details
+        // query): a 429 or 503 says it was not acted on, so any method may be sent again.
+        .retry_any_method(true)
         .max_retries(config.max_retries)
         .max_retry_after(config.max_retry_after)
         .build();
