@@ -4,8 +4,6 @@
 //! as failures rather than slept on.
 #![cfg(feature = "rustls")]
 
-mod support;
-
 // The example prints what the tests only assert on.
 #[allow(dead_code)]
 #[path = "../examples/batch/job.rs"]
@@ -14,6 +12,7 @@ mod job;
 use std::cell::RefCell;
 use std::time::Duration;
 
+use job::paging::Paging;
 use job::{JobConfig, Page, Platform, Report, Servers, TokenEndpoint};
 use tower_auth_refresh::oauth2::{ClientAuth, Secret};
 
@@ -43,17 +42,17 @@ fn small_job() -> JobConfig {
 /// What `on_page` saw: the records of the pages that came back, and the pages that failed.
 #[derive(Default)]
 struct Seen {
-    records: RefCell<Vec<String>>,
+    records: RefCell<Vec<u64>>,
     failed: RefCell<Vec<(usize, String)>>,
 }
 
 impl Seen {
     fn on_page(&self, page: &Page) {
         match &page.result {
-            Ok(_) => self.records.borrow_mut().extend(
-                page.records()
-                    .map(|record| String::from_utf8(record.to_vec()).unwrap()),
-            ),
+            Ok(_) => self
+                .records
+                .borrow_mut()
+                .extend(page.records().map(|record| record["id"].as_u64().unwrap())),
             Err(error) => self.failed.borrow_mut().push((page.number, error.clone())),
         }
     }
@@ -64,7 +63,7 @@ impl Seen {
             .records
             .borrow()
             .iter()
-            .map(|record| record.strip_prefix("contact-").unwrap().parse().unwrap())
+            .map(|id| *id as usize)
             .collect();
         numbers.sort_unstable();
         numbers
@@ -180,15 +179,16 @@ async fn a_retry_after_longer_than_accepted_fails_the_page_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_platform_mode_fetches_pages_numbered_from_one() {
-    // The real-platform path (client credentials with the secret in the form, `{page}` from 1)
-    // against the embedded servers: pages 1..=40, of which the last is past the end.
+    // The real-platform path (client credentials with the secret in the form) against the
+    // embedded servers, with a URL of one's own and no preset: `{page}` from 1, until a page
+    // comes back empty.
     let config = small_job();
     let servers = Servers::start(&config).await;
     let platform = Platform {
-        api_url: servers
-            .api
-            .url(&format!("/contacts?page={{page}}&size={PAGE_SIZE}")),
-        pages: PAGES,
+        paging: Paging::new(
+            &servers.api.url("/users?pageSize={size}&pageNumber={page}"),
+            PAGE_SIZE,
+        ),
         token_endpoint: TokenEndpoint::Url(servers.idp.token_url()),
         client_id: "batch".to_owned(),
         client_secret: Secret::new("s3cr3t"),
@@ -205,11 +205,16 @@ async fn the_platform_mode_fetches_pages_numbered_from_one() {
 
     assert_eq!(*seen.failed.borrow(), Vec::new(), "no page failed");
     assert_eq!(report.failures, 0);
-    assert_eq!(
-        seen.sorted_records(),
-        (PAGE_SIZE..RECORDS).collect::<Vec<_>>()
+    assert_eq!(seen.sorted_records(), (0..RECORDS).collect::<Vec<_>>());
+    assert_eq!(report.records, RECORDS);
+    // The 40 pages, the empty 41st that marks the end, and at most one more empty page for
+    // each of the other 3 workers, asked for before the end was known.
+    assert!(
+        (PAGES + 1..=PAGES + 4).contains(&report.pages),
+        "{report:?}"
     );
-    assert_eq!(report.records, RECORDS - PAGE_SIZE);
+    assert_eq!(servers.api.served(), report.pages);
+    assert_eq!(servers.api.records_served(), RECORDS);
     assert_eq!(report.token_endpoint, servers.idp.token_url());
     assert!(report.servers.is_none());
     assert_eq!(

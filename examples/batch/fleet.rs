@@ -19,12 +19,12 @@
 //! The Redis URL (it may hold a password), the client secret and `TOKEN_KEY` reach the workers
 //! through their environment, not their command line.
 
+use clap::ValueEnum;
 use std::io::Write;
 use std::path::Path;
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -257,6 +257,7 @@ impl WorkerReport {
 struct PageLine {
     number: usize,
     error: Option<String>,
+    records: u64,
     token_requests: u64,
     replays: u64,
     retries: u64,
@@ -292,6 +293,7 @@ fn parse_line(line: &str) -> Result<Line, String> {
                 Value::String(error) => Some(error.clone()),
                 _ => return None,
             },
+            records: value.get("records").and_then(Value::as_u64).unwrap_or(0),
             token_requests: count("token_requests")?,
             replays: count("replays")?,
             retries: count("retries")?,
@@ -320,7 +322,8 @@ struct WorkerState {
     /// The first thing that went wrong with the worker itself (not with a page).
     problem: Option<String>,
     status: Option<Result<ExitStatus, String>>,
-    /// Its counters so far, from its last page line.
+    /// Its counters so far, from its last page line (records: the sum of its page lines).
+    records: u64,
     token_requests: u64,
     replays: u64,
     retries: u64,
@@ -440,12 +443,11 @@ async fn fleet(args: &Args, workers: usize) -> Result<FleetReport, BoxError> {
         None => {
             let servers = Servers::start(&config).await;
             let (client_id, client_secret) = EMBEDDED_CLIENT;
+            let mut paging = servers.paging(config.preset, config.page_size);
+            // Shards need the end up front: the workers are each given every n-th page of it.
+            paging.max_pages = Some(config.pages());
             let platform = Platform {
-                api_url: servers.api.url(&format!(
-                    "/contacts?page={{page0}}&size={}",
-                    config.page_size
-                )),
-                pages: config.pages(),
+                paging,
                 token_endpoint: TokenEndpoint::Url(servers.idp.token_url()),
                 client_id: client_id.to_owned(),
                 client_secret: Secret::new(client_secret),
@@ -484,7 +486,7 @@ async fn fleet(args: &Args, workers: usize) -> Result<FleetReport, BoxError> {
     }
     drop(events);
 
-    let bar = progress_bar(platform.pages);
+    let bar = progress_bar(platform.paging.max_pages);
     let fleet_token_requests = |states: &[WorkerState]| match &servers {
         Some(servers) => servers.idp.token_requests() as u64,
         None => states.iter().map(|state| state.token_requests).sum(),
@@ -497,9 +499,12 @@ async fn fleet(args: &Args, workers: usize) -> Result<FleetReport, BoxError> {
                     state.token_requests = page.token_requests;
                     state.replays = page.replays;
                     state.retries = page.retries;
+                    state.records += page.records;
                     bar.on_page(&Page {
                         number: page.number,
-                        result: page.error.map_or(Ok(Bytes::new()), Err),
+                        result: page.error.map_or(Ok(Vec::new()), Err),
+                        records_so_far: states.iter().map(|state| state.records as usize).sum(),
+                        pages_known: platform.paging.max_pages,
                         token_requests: fleet_token_requests(&states),
                         replays: states.iter().map(|state| state.replays).sum(),
                         retries: states.iter().map(|state| state.retries).sum(),
@@ -561,7 +566,7 @@ async fn fleet(args: &Args, workers: usize) -> Result<FleetReport, BoxError> {
     Ok(FleetReport {
         workers,
         concurrency: config.concurrency,
-        api: platform.api_url.clone(),
+        api: platform.paging.url.clone(),
         token_endpoint: match &platform.token_endpoint {
             TokenEndpoint::Url(url) => url.clone(),
             TokenEndpoint::GenesysRegion(domain) => format!("Genesys Cloud, {domain}"),
@@ -569,7 +574,7 @@ async fn fleet(args: &Args, workers: usize) -> Result<FleetReport, BoxError> {
         },
         namespace,
         encrypted,
-        pages_expected: platform.pages,
+        pages_expected: platform.paging.max_pages.unwrap_or_default(),
         records_expected: servers.as_ref().map(|_| config.records),
         total,
         failed_workers,
@@ -602,9 +607,41 @@ fn worker_command(
         .arg("--shard")
         .arg(shard.to_string())
         .arg("--api-url")
-        .arg(&platform.api_url)
-        .arg("--pages")
-        .arg(platform.pages.to_string())
+        .arg(&platform.paging.url)
+        .arg("--page-size")
+        .arg(platform.paging.page_size.to_string());
+    if let Some(pages) = platform.paging.max_pages {
+        command.arg("--pages").arg(pages.to_string());
+    }
+    // The paging options as given: each worker builds the same paging from them.
+    let given = [
+        (
+            "--preset",
+            args.preset
+                .and_then(|preset| Some(preset.to_possible_value()?.get_name().to_owned())),
+        ),
+        (
+            "--pagination",
+            args.pagination
+                .and_then(|style| Some(style.to_possible_value()?.get_name().to_owned())),
+        ),
+        ("--method", args.method.as_ref().map(ToString::to_string)),
+        ("--body", args.body.clone()),
+        ("--page-field", args.page_field.clone()),
+        (
+            "--first-page",
+            args.first_page.map(|first| first.to_string()),
+        ),
+        ("--records-at", args.records_at.clone()),
+        ("--page-count", args.page_count.clone()),
+        ("--cursor", args.cursor.clone()),
+    ];
+    for (option, value) in given {
+        if let Some(value) = value {
+            command.arg(option).arg(value);
+        }
+    }
+    command
         .arg("--client-id")
         .arg(&platform.client_id)
         .arg("--concurrency")
@@ -725,7 +762,8 @@ fn print_header(
     if !embedded {
         println!(
             "{} pages of {}; worker i fetches pages i, i + {workers}, ...",
-            platform.pages, platform.api_url
+            platform.paging.max_pages.unwrap_or_default(),
+            platform.paging.url
         );
         return;
     }

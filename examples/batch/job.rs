@@ -6,15 +6,21 @@
 //! `concurrency_limit` -> hyper-util client (HTTPS or HTTP, rustls).
 //!
 //! Two ways to run it:
-//! - [`run_embedded`] starts an identity provider and a paginated API on loopback (the servers of
-//!   `tests/support`), with short-lived tokens, periodic 429s and server-side revocations, and
-//!   fetches every page. [`Servers::start`] and [`run_on`] do the same in two steps, so a caller
+//! - [`run_embedded`] starts an identity provider and a paginated API on loopback (the crate's
+//!   `testkit`, feature `testkit`), with short-lived tokens, periodic 429s and server-side
+//!   revocations, and fetches every page in the pagination style of [`JobConfig::preset`]. [`Servers::start`] and [`run_on`] do the same in two steps, so a caller
 //!   can look at the servers afterwards.
-//! - [`run_platform`] asks a real token endpoint (client credentials) and fetches `pages` pages of
-//!   a real API. [`run_platform_shard`] fetches one [`Shard`] of them, with the token cache over
+//! - [`run_platform`] asks a real token endpoint (client credentials) and walks a real API's
+//!   pages as its [`Paging`] says, until the answers mark the last one. [`run_platform_shard`] fetches one [`Shard`] of them, with the token cache over
 //!   a given [`TokenStore`]: what each process of the fleet mode (`main.rs`, `fleet.rs`) runs.
 //!
+//! Pages are walked as `paging.rs` says (page number, offset or cursor; the records at a JSON
+//! pointer; the end where a page is empty, past the page count, or without a next cursor).
+//!
 //! Nothing here prints: progress goes to the `on_page` callback, the outcome to the [`Report`].
+
+#[path = "paging.rs"]
+pub mod paging;
 
 use std::fmt;
 use std::str::FromStr;
@@ -24,8 +30,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::join_all;
 use http::header::RETRY_AFTER;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -36,9 +42,10 @@ use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_auth_refresh::cache::DEFAULT_ADVISORY_WINDOW;
 use tower_auth_refresh::oauth2::{self, genesys, ClientAuth, ClientCredentials, Secret};
 use tower_auth_refresh::retry::RetryPolicy;
+use tower_auth_refresh::testkit::{Api, IdentityProvider, TokenRegistry};
 use tower_auth_refresh::{AuthLayer, LocalStore, ReplayBody, TokenCache, TokenStore};
 
-use crate::support::{Api, IdentityProvider, TokenRegistry};
+use paging::{Paging, Position, Preset, Style};
 
 /// How the job runs. The embedded servers' settings are ignored by [`run_platform`].
 #[derive(Clone, Debug)]
@@ -69,6 +76,8 @@ pub struct JobConfig {
     pub max_retries: u32,
     /// The longest `Retry-After` slept on; a 429 asking for more is handed back (a failure).
     pub max_retry_after: Duration,
+    /// The job run against the embedded API: its pagination style and end marker.
+    pub preset: Preset,
 }
 
 impl Default for JobConfig {
@@ -91,12 +100,13 @@ impl Default for JobConfig {
             timeout: Duration::from_secs(30),
             max_retries: 3,
             max_retry_after: Duration::from_secs(60),
+            preset: Preset::GenesysUsers,
         }
     }
 }
 
 impl JobConfig {
-    /// Pages of the embedded API: `records / page_size`, rounded up.
+    /// Pages of the embedded API that hold records: `records / page_size`, rounded up.
     pub fn pages(&self) -> usize {
         self.records.div_ceil(self.page_size.max(1))
     }
@@ -105,10 +115,15 @@ impl JobConfig {
 /// One page done, handed to `on_page` as soon as it is.
 #[derive(Debug)]
 pub struct Page {
-    /// The page number, from 0.
+    /// The page's index, from 0 (the n-th page asked for, in the cursor style).
     pub number: usize,
-    /// The body, or why the page failed (a status that is not a success, or an error).
-    pub result: Result<Bytes, String>,
+    /// The page's records (the array at the records pointer), or why the page failed (a
+    /// status that is not a success, an error, an answer that is not JSON).
+    pub result: Result<Vec<serde_json::Value>, String>,
+    /// Records fetched so far, this page's included.
+    pub records_so_far: usize,
+    /// Pages there are in all, once an answer said (a page count) or a page came back empty.
+    pub pages_known: Option<usize>,
     /// Token requests the cache has made so far.
     pub token_requests: u64,
     /// 401 replays so far.
@@ -118,10 +133,10 @@ pub struct Page {
 }
 
 impl Page {
-    /// The page's records: its non-empty lines (none for a failed page).
-    pub fn records(&self) -> impl Iterator<Item = &[u8]> {
-        let body: &[u8] = self.result.as_deref().unwrap_or_default();
-        body.split(|b| *b == b'\n').filter(|line| !line.is_empty())
+    #[allow(dead_code)] // the fleet and tests/batch_job.rs read the records
+    /// The page's records (none for a failed page).
+    pub fn records(&self) -> impl Iterator<Item = &serde_json::Value> {
+        self.result.as_deref().unwrap_or_default().iter()
     }
 }
 
@@ -132,11 +147,12 @@ pub struct Report {
     pub api: String,
     /// The token endpoint asked.
     pub token_endpoint: String,
-    /// Records fetched (non-empty lines of the pages' bodies).
+    /// Records fetched: the lengths of the pages' record arrays.
     pub records: usize,
     /// Records expected (embedded mode only).
     pub records_expected: Option<usize>,
-    /// Pages attempted.
+    /// Pages asked for (with an end found from the answers, concurrent workers may ask for a
+    /// few empty pages past it).
     pub pages: usize,
     /// Pages that did not come back with a success: must be 0.
     pub failures: usize,
@@ -190,7 +206,7 @@ pub struct Servers {
     pub registry: TokenRegistry,
     /// The identity provider: `POST /token`, client credentials.
     pub idp: IdentityProvider,
-    /// The paginated API: `GET /contacts?page=N&size=M`.
+    /// The paginated API (`/users`, `/conversations/query`, `/agents`, `/items`).
     pub api: Api,
 }
 
@@ -206,10 +222,9 @@ impl Servers {
         Self { registry, idp, api }
     }
 
-    /// The URL of page `page` (from 0).
-    pub fn page_url(&self, page: usize, page_size: usize) -> String {
-        self.api
-            .url(&format!("/contacts?page={page}&size={page_size}"))
+    /// How `preset`'s job walks the embedded API, `page_size` records a page.
+    pub fn paging(&self, preset: Preset, page_size: usize) -> Paging {
+        preset.paging(&self.api.url(preset.embedded_path()), page_size)
     }
 }
 
@@ -228,8 +243,7 @@ pub async fn run_on(
 ) -> Result<Report, BoxError> {
     let provider =
         ClientCredentials::builder(servers.idp.token_url(), "batch", "s3cr3t").build()?;
-    let page_size = config.page_size.max(1);
-    let page_url = |page: usize| servers.page_url(page, page_size);
+    let paging = servers.paging(config.preset, config.page_size.max(1));
     let registry = servers.registry.clone();
     let revocations = AtomicUsize::new(0);
     let revoke = || {
@@ -241,17 +255,16 @@ pub async fn run_on(
         revoke: &revoke,
         token_lifetime: config.token_lifetime,
     };
-    let pages: Vec<usize> = (0..config.pages()).collect();
     let mut report = run_pages(
         config,
         AuthLayer::new(provider),
-        &pages,
-        &page_url,
+        &paging,
+        Shard::ALL,
         Some(disruption),
         &on_page,
     )
     .await?;
-    report.api = page_url(0);
+    report.api = paging.url.clone();
     report.token_endpoint = servers.idp.token_url();
     report.records_expected = Some(config.records);
     report.servers = Some(ServerCounts {
@@ -267,10 +280,8 @@ pub async fn run_on(
 /// A real platform: its API and its token endpoint, with client credentials.
 #[derive(Clone, Debug)]
 pub struct Platform {
-    /// The API; `{page}` is replaced by the page number from 1, `{page0}` by the number from 0.
-    pub api_url: String,
-    /// Pages to fetch.
-    pub pages: usize,
+    /// How its pages are walked: URL, method, body, style, records, end.
+    pub paging: Paging,
     /// Where tokens come from.
     pub token_endpoint: TokenEndpoint,
     /// The OAuth client id.
@@ -374,16 +385,9 @@ pub async fn run_platform_shard(
     if let Some(auth) = platform.client_auth {
         builder = builder.auth_method(auth);
     }
-    let page_url = |page: usize| {
-        platform
-            .api_url
-            .replace("{page0}", &page.to_string())
-            .replace("{page}", &(page + 1).to_string())
-    };
     let auth = AuthLayer::builder(builder.build()?).store(store).build();
-    let pages: Vec<usize> = shard.pages(platform.pages).collect();
-    let mut report = run_pages(config, auth, &pages, &page_url, None, &on_page).await?;
-    report.api = platform.api_url.clone();
+    let mut report = run_pages(config, auth, &platform.paging, shard, None, &on_page).await?;
+    report.api = platform.paging.url.clone();
     report.token_endpoint = token_endpoint;
     Ok(report)
 }
@@ -398,24 +402,41 @@ struct Disruption<'a> {
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// Fetch `pages` (page numbers, from 0) with `config.concurrency` workers through the whole stack,
-/// `auth` adding the tokens.
+/// While the end is unknown, a worker stops asking for pages after this many failed in a row:
+/// an API that fails every page (a wrong URL, a revoked client) must not be walked forever.
+const FAILURES_IN_A_ROW: usize = 10;
+
+/// Walk `paging`'s pages (those of `shard`) with `config.concurrency` workers through the whole
+/// stack, `auth` adding the tokens, until the answers mark the end.
+///
+/// Page numbers and offsets are handed out to the workers in order; a page that comes back
+/// without records, or an announced page count, sets the end, and no page past it is asked for
+/// (pages already in flight come back empty). Cursors are followed one answer after the other.
 async fn run_pages(
     config: &JobConfig,
     auth: AuthLayer,
-    pages: &[usize],
-    page_url: &(dyn Fn(usize) -> String + Sync),
+    paging: &Paging,
+    shard: Shard,
     disruption: Option<Disruption<'_>>,
     on_page: &dyn Fn(&Page),
 ) -> Result<Report, BoxError> {
-    let concurrency = config.concurrency.max(1);
+    let cursor = paging.style == Style::Cursor;
+    if cursor && shard.count > 1 {
+        return Err(
+            "cursor pages follow one another and cannot be shared out among workers".into(),
+        );
+    }
+    let concurrency = if cursor { 1 } else { config.concurrency.max(1) };
     let https: Https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .build();
-    let http = Client::builder(TokioExecutor::new()).build::<_, ReplayBody<Empty<Bytes>>>(https);
+    let http = Client::builder(TokioExecutor::new()).build::<_, ReplayBody<Full<Bytes>>>(https);
     let policy = RetryPolicy::builder()
+        // Every request of the job reads a page, a POST query included (the analytics details
+        // query): a 429 or 503 says it was not acted on, so any method may be sent again.
+        .retry_any_method(true)
         .max_retries(config.max_retries)
         .max_retry_after(config.max_retry_after)
         .build();
@@ -441,16 +462,43 @@ async fn run_pages(
 
     // Held for reading by every page in flight, for writing by a revocation.
     let gate = RwLock::new(());
-    let next_page = AtomicUsize::new(0);
+    // Pages of this shard handed out so far.
+    let handed_out = AtomicUsize::new(0);
+    // No page index at or past this one is asked for.
+    let end = AtomicUsize::new(paging.max_pages.unwrap_or(usize::MAX));
+    let end_known = AtomicUsize::new(usize::MAX);
+    let failed_in_a_row = AtomicUsize::new(0);
+    let pages_asked = AtomicUsize::new(0);
     let records = AtomicUsize::new(0);
     let failures = AtomicUsize::new(0);
+    let next_cursor = std::sync::Mutex::new(Some(Position::Cursor(None)));
     let started = Instant::now();
 
+    // The next page to ask for, if any: an index for the page and skip styles, the cursor of
+    // the last answer for the cursor style.
+    let next_position = || -> Option<(usize, Position)> {
+        if failed_in_a_row.load(Ordering::SeqCst) >= FAILURES_IN_A_ROW
+            && end_known.load(Ordering::SeqCst) == usize::MAX
+        {
+            return None;
+        }
+        let k = handed_out.fetch_add(1, Ordering::SeqCst);
+        let index = shard.index + k * shard.count.max(1);
+        if index >= end.load(Ordering::SeqCst) {
+            return None;
+        }
+        if cursor {
+            let position = next_cursor.lock().ok()?.take()?;
+            return Some((index, position));
+        }
+        Some((index, Position::Index(index)))
+    };
+
     let worker = || async {
-        while let Some(&page) = pages.get(next_page.fetch_add(1, Ordering::SeqCst)) {
+        while let Some((index, position)) = next_position() {
             let revoke = disruption
                 .as_ref()
-                .filter(|disruption| disruption.at_pages.contains(&page));
+                .filter(|disruption| disruption.at_pages.contains(&index));
             let in_flight = match revoke {
                 // With no request in flight, every request after the revocation carries the
                 // current token; with no refresh running, the next token is issued after the
@@ -465,19 +513,60 @@ async fn run_pages(
                 }
                 None => gate.read().await,
             };
-            let result = fetch(service.clone(), page_url(page)).await;
+            pages_asked.fetch_add(1, Ordering::SeqCst);
+            let result = match paging.request(&position) {
+                Ok(request) => fetch(service.clone(), request).await,
+                Err(error) => Err(error),
+            };
             drop(in_flight);
+            let result = result.and_then(|body| paging.parse(&body));
+            let result = match result {
+                Ok(parsed) => {
+                    failed_in_a_row.store(0, Ordering::SeqCst);
+                    let mut last = usize::MAX;
+                    if parsed.records.is_empty() {
+                        last = index;
+                    }
+                    if let Some(count) = parsed.page_count {
+                        last = last.min(count);
+                    }
+                    if cursor {
+                        match parsed.next {
+                            Some(next) => {
+                                if let Ok(mut slot) = next_cursor.lock() {
+                                    *slot = Some(Position::Cursor(Some(next)));
+                                }
+                            }
+                            None => last = last.min(index + 1),
+                        }
+                    }
+                    if last != usize::MAX {
+                        end.fetch_min(last, Ordering::SeqCst);
+                        end_known.fetch_min(last, Ordering::SeqCst);
+                    }
+                    records.fetch_add(parsed.records.len(), Ordering::SeqCst);
+                    Ok(parsed.records)
+                }
+                Err(error) => {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                    failed_in_a_row.fetch_add(1, Ordering::SeqCst);
+                    // Without the answer there is no next cursor: the walk ends here.
+                    if cursor {
+                        end.fetch_min(index, Ordering::SeqCst);
+                    }
+                    Err(error)
+                }
+            };
             let stats = auth.cache().stats();
+            let known = end_known.load(Ordering::SeqCst);
             let page = Page {
-                number: page,
+                number: index,
                 result,
+                records_so_far: records.load(Ordering::SeqCst),
+                pages_known: (known != usize::MAX).then(|| shard.pages(known).count()),
                 token_requests: stats.token_requests,
                 replays: stats.replays,
                 retries: policy.retries(),
-            };
-            match &page.result {
-                Ok(_) => records.fetch_add(page.records().count(), Ordering::SeqCst),
-                Err(_) => failures.fetch_add(1, Ordering::SeqCst),
             };
             on_page(&page);
         }
@@ -491,7 +580,7 @@ async fn run_pages(
         token_endpoint: String::new(),
         records: records.into_inner(),
         records_expected: None,
-        pages: pages.len(),
+        pages: pages_asked.into_inner(),
         failures: failures.into_inner(),
         elapsed,
         concurrency,
@@ -532,13 +621,24 @@ async fn young_token(cache: &TokenCache, lifetime: Duration) {
     }
 }
 
-/// One GET through the stack: the body of a success, or why there is none.
-async fn fetch<S>(service: S, url: String) -> Result<Bytes, String>
+/// One request through the stack: the body of a success (empty for a 204), or why there is none.
+async fn fetch<S>(
+    service: S,
+    (method, url, body): (http::Method, String, Option<serde_json::Value>),
+) -> Result<Bytes, String>
 where
-    S: Service<Request<Empty<Bytes>>, Response = Response<Incoming>, Error = BoxError>,
+    S: Service<Request<Full<Bytes>>, Response = Response<Incoming>, Error = BoxError>,
 {
-    let request = Request::get(&url)
-        .body(Empty::new())
+    let mut request = Request::builder().method(method).uri(&url);
+    let body = match body {
+        Some(json) => {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+            Full::from(json.to_string())
+        }
+        None => Full::default(),
+    };
+    let request = request
+        .body(body)
         .map_err(|error| format!("{url}: {error}"))?;
     let response = service.oneshot(request).await.map_err(|error| {
         let mut message = error.to_string();
@@ -555,6 +655,9 @@ where
             Some(wait) => format!("{status} (Retry-After: {})", wait.to_str().unwrap_or("?")),
             None => status.to_string(),
         });
+    }
+    if status == StatusCode::NO_CONTENT {
+        return Ok(Bytes::new());
     }
     let body = response
         .into_body()

@@ -8,11 +8,14 @@
 //! the pages, and a table at the end what it took: token requests, 401 replays, 429 retries,
 //! failures (the exit status is non-zero if any page failed). `--help` lists the options.
 //!
-//! Against a real platform instead, set `API_URL` (a `{page}` in it is replaced by the page
-//! number, from 1), `CLIENT_ID`, `CLIENT_SECRET` (environment only), `PAGES` (default 10),
-//! optionally `SCOPE` and `CLIENT_AUTH=post`, and one of `TOKEN_URL`, `GENESYS_REGION` (a Genesys
-//! Cloud domain such as `mypurecloud.ie`) or `ISSUER` (OpenID discovery; NICE CXone's is
-//! `https://cxone.niceincontact.com`). Each also works as a flag. See README.md.
+//! Against a real platform instead, set `API_URL`, `CLIENT_ID`, `CLIENT_SECRET` (environment
+//! only), optionally `SCOPE` and `CLIENT_AUTH=post`, and one of `TOKEN_URL`, `GENESYS_REGION` (a
+//! Genesys Cloud domain such as `mypurecloud.ie`) or `ISSUER` (OpenID discovery; NICE CXone's is
+//! `https://cxone.niceincontact.com`). Each also works as a flag. The job walks the pages until
+//! the answers mark the end: a preset (`--preset`, or found from the URL's path: Genesys users,
+//! the Genesys analytics details query, CXone agents) says how, and `--pagination`, `--method`,
+//! `--body`, `--page-field`, `--records-at`, `--page-count`, `--cursor` and `--pages` say it for
+//! any other API. See README.md.
 //!
 //! With `--features redis`, `--workers N --redis URL` runs a fleet instead: this process starts
 //! the servers (or takes the real platform's options) and N copies of itself, each fetching every
@@ -20,9 +23,6 @@
 //! token request per expiry plus the first, not that many per worker. That is `fleet.rs`.
 //!
 //! The job itself is in `job.rs`, which `tests/batch_job.rs` runs too.
-
-#[path = "../../tests/support/mod.rs"]
-mod support;
 
 #[cfg(feature = "redis")]
 mod fleet;
@@ -37,6 +37,7 @@ use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use tower::BoxError;
 use tower_auth_refresh::oauth2::{ClientAuth, Secret};
 
+use job::paging::{Paging, Preset, Style};
 use job::{JobConfig, Page, Platform, Report, Shard, TokenEndpoint};
 
 const AFTER_HELP: &str = "\
@@ -47,8 +48,14 @@ With it, the job runs against a real platform: CLIENT_ID and CLIENT_SECRET (the 
 environment only), and one of TOKEN_URL, GENESYS_REGION or ISSUER. For example:
 
   GENESYS_REGION=mypurecloud.ie CLIENT_ID=... CLIENT_SECRET=... \\
-  API_URL='https://api.mypurecloud.ie/api/v2/users?pageSize=100&pageNumber={page}' PAGES=20 \\
-  cargo run --example batch
+  API_URL=https://api.mypurecloud.ie/api/v2/users cargo run --example batch
+
+The URL's path picks a preset (Genesys users, .../conversations/details/query, CXone .../agents);
+--preset, --pagination, --method, --body, --page-field, --records-at, --page-count and --cursor
+describe any other API, for example a JSON body paged at paging.pageNumber:
+
+  --method POST --body '{\"paging\":{\"pageSize\":100}}' --page-field paging.pageNumber \\
+  --records-at /conversations
 
 A fleet of worker processes sharing one token through Redis (needs the `redis` feature):
 
@@ -69,7 +76,7 @@ struct Args {
     #[arg(long, env = "RECORDS", default_value_t = JobConfig::default().records)]
     records: usize,
 
-    /// Records per page (embedded API)
+    /// Records per page ({size} in the URL, the step of {skip}, the presets' page size)
     #[arg(long, env = "PAGE_SIZE", default_value_t = JobConfig::default().page_size,
           value_parser = at_least_one)]
     page_size: usize,
@@ -142,19 +149,56 @@ struct Args {
     #[arg(long, value_name = "INDEX/COUNT", hide = true)]
     shard: Option<Shard>,
 
-    /// A real API instead of the embedded one; {page} is replaced by the page number, from 1
-    /// ({page0}: from 0)
+    /// A real API instead of the embedded one; {page} is replaced by the page number (from
+    /// --first-page; {page0}: from 0), {skip} by the offset, {size} by the page size, {cursor}
+    /// by the last cursor
     #[arg(long, env = "API_URL", help_heading = "Real platform")]
     api_url: Option<String>,
 
-    /// Pages to fetch from the real API
-    #[arg(
-        long,
-        env = "PAGES",
-        default_value_t = 10,
-        help_heading = "Real platform"
-    )]
-    pages: usize,
+    /// The job's pagination, method, body, records and end [default: from the URL's path; the
+    /// embedded API: genesys-users]
+    #[arg(long, env = "PRESET", value_enum, help_heading = "Paging")]
+    preset: Option<Preset>,
+
+    /// How the next page is asked for [default: the preset's, else from the URL's placeholders]
+    #[arg(long, value_enum, help_heading = "Paging")]
+    pagination: Option<Style>,
+
+    /// The HTTP method of every page request [default: the preset's, else GET]
+    #[arg(long, help_heading = "Paging")]
+    method: Option<http::Method>,
+
+    /// A JSON body sent with every page request
+    #[arg(long, value_name = "JSON", help_heading = "Paging")]
+    body: Option<String>,
+
+    /// A dotted path in the body that takes the page number, offset or cursor, such as
+    /// paging.pageNumber
+    #[arg(long, value_name = "PATH", help_heading = "Paging")]
+    page_field: Option<String>,
+
+    /// The number of the first page [default: 1]
+    #[arg(long, value_name = "N", help_heading = "Paging")]
+    first_page: Option<usize>,
+
+    /// The JSON pointer of the records array of an answer, such as /entities [default: the
+    /// preset's, else the first array]
+    #[arg(long, value_name = "POINTER", help_heading = "Paging")]
+    records_at: Option<String>,
+
+    /// The JSON pointer of the page count: no page past it is asked for, such as /pageCount
+    #[arg(long, value_name = "POINTER", help_heading = "Paging")]
+    page_count: Option<String>,
+
+    /// The JSON pointer of the next cursor or link (cursor pagination), such as /nextUri
+    /// [default: /cursor]
+    #[arg(long, value_name = "POINTER", help_heading = "Paging")]
+    cursor: Option<String>,
+
+    /// Ask for at most this many pages [default: until a page is empty, past the page count,
+    /// or without a next cursor]
+    #[arg(long, env = "PAGES", help_heading = "Paging")]
+    pages: Option<usize>,
 
     /// The OAuth client id (the secret comes from CLIENT_SECRET in the environment only)
     #[arg(long, env = "CLIENT_ID", help_heading = "Real platform")]
@@ -234,6 +278,7 @@ impl Args {
             timeout: Duration::from_secs_f64(self.timeout),
             max_retries: self.max_retries,
             max_retry_after: Duration::from_secs_f64(self.max_retry_after),
+            preset: self.preset.unwrap_or(Preset::GenesysUsers),
         };
         config.revoke_at = match &self.revoke_at {
             Some(pages) => pages.clone(),
@@ -256,8 +301,7 @@ impl Args {
             (None, None, None) => return Err("set TOKEN_URL, GENESYS_REGION or ISSUER".into()),
         };
         Ok(Platform {
-            api_url: api_url.to_owned(),
-            pages: self.pages,
+            paging: self.paging(api_url)?,
             token_endpoint,
             client_id,
             client_secret: Secret::new(client_secret),
@@ -267,6 +311,60 @@ impl Args {
                 ClientAuthArg::Post => ClientAuth::Post,
             }),
         })
+    }
+}
+
+impl Args {
+    /// How the API at `url` is walked: the preset (named, or found from the URL's path), then
+    /// every option given on top of it.
+    fn paging(&self, url: &str) -> Result<Paging, BoxError> {
+        let preset = self.preset.or_else(|| Preset::for_url(url));
+        let mut paging = match preset {
+            Some(preset) => preset.paging(url, self.page_size),
+            None => Paging::new(url, self.page_size),
+        };
+        self.apply(&mut paging)?;
+        if !paging.says_where_the_page_goes() {
+            return Err(format!(
+                "{url}: say where the page goes: {{page}}, {{skip}} or {{cursor}} in the URL, \
+                 --page-field, --pagination cursor, or a --preset"
+            )
+            .into());
+        }
+        Ok(paging)
+    }
+
+    /// The paging options given on the command line, over a preset's.
+    fn apply(&self, paging: &mut Paging) -> Result<(), BoxError> {
+        if let Some(style) = self.pagination {
+            paging.style = style;
+        }
+        if let Some(method) = &self.method {
+            paging.method = method.clone();
+        }
+        if let Some(body) = &self.body {
+            let body = serde_json::from_str(body).map_err(|error| format!("--body: {error}"))?;
+            paging.body = Some(body);
+        }
+        if let Some(field) = &self.page_field {
+            paging.field = Some(field.clone());
+        }
+        if let Some(first) = self.first_page {
+            paging.first_page = first;
+        }
+        if let Some(pointer) = &self.records_at {
+            paging.records = Some(pointer.clone());
+        }
+        if let Some(pointer) = &self.page_count {
+            paging.page_count = Some(pointer.clone());
+        }
+        if let Some(pointer) = &self.cursor {
+            paging.cursor = pointer.clone();
+        }
+        if self.pages.is_some() {
+            paging.max_pages = self.pages;
+        }
+        Ok(())
     }
 }
 
@@ -322,10 +420,10 @@ async fn run(args: &Args) -> Result<Report, BoxError> {
         Some(api_url) => {
             let platform = args.platform(api_url)?;
             println!(
-                "{} pages of {api_url}, {} workers",
-                platform.pages, config.concurrency
+                "{} {api_url}, {:?} pagination, {} workers",
+                platform.paging.method, platform.paging.style, config.concurrency
             );
-            let bar = progress_bar(platform.pages);
+            let bar = progress_bar(platform.paging.max_pages);
             let report = job::run_platform(&config, &platform, |page| bar.on_page(page)).await;
             bar.finish();
             report
@@ -333,8 +431,8 @@ async fn run(args: &Args) -> Result<Report, BoxError> {
         None => {
             println!(
                 "embedded identity provider and API on 127.0.0.1: {} records, {} per page, \
-                 {} workers",
-                config.records, config.page_size, config.concurrency
+                 {} workers, the {:?} job",
+                config.records, config.page_size, config.concurrency, config.preset
             );
             println!(
                 "tokens live {:?}; {}; {:?} per request; tokens revoked at {}",
@@ -352,7 +450,7 @@ async fn run(args: &Args) -> Result<Report, BoxError> {
                     pages => format!("page {pages:?}"),
                 },
             );
-            let bar = progress_bar(config.pages());
+            let bar = progress_bar(None);
             let report = job::run_embedded(&config, |page| bar.on_page(page)).await;
             bar.finish();
             report
@@ -360,33 +458,40 @@ async fn run(args: &Args) -> Result<Report, BoxError> {
     }
 }
 
-/// An indicatif bar over the pages; where it cannot draw (stderr is not a terminal), a line at
-/// every tenth of the way instead.
+/// An indicatif bar over the pages, a spinner with the records and pages so far while the end
+/// is unknown; where it cannot draw (stderr is not a terminal), a line every tenth of the way
+/// (every 10 pages while the end is unknown) instead.
 struct Bar {
     bar: ProgressBar,
-    pages: usize,
+    known: Cell<bool>,
     done: Cell<usize>,
 }
 
-fn progress_bar(pages: usize) -> Bar {
-    let bar = ProgressBar::new(pages as u64);
-    let template =
-        "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} pages, {rate}, ETA {eta}\n  {msg}";
-    bar.set_style(
-        ProgressStyle::with_template(template)
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .with_key(
-                "rate",
-                |state: &ProgressState, out: &mut dyn std::fmt::Write| {
-                    let _ = write!(out, "{:.1} pages/s", state.per_sec());
-                },
-            )
-            .progress_chars("=> "),
-    );
+const UNKNOWN_END: &str = "{spinner} {elapsed_precise} {pos} pages, {msg}, {rate}";
+const KNOWN_END: &str =
+    "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} pages, {rate}, ETA {eta}\n  {msg}";
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                let _ = write!(out, "{:.1} pages/s", state.per_sec());
+            },
+        )
+        .progress_chars("=> ")
+}
+
+fn progress_bar(pages: Option<usize>) -> Bar {
+    let bar = match pages {
+        Some(pages) => ProgressBar::new(pages as u64).with_style(bar_style(KNOWN_END)),
+        None => ProgressBar::no_length().with_style(bar_style(UNKNOWN_END)),
+    };
     bar.enable_steady_tick(Duration::from_millis(100));
     Bar {
         bar,
-        pages,
+        known: Cell::new(pages.is_some()),
         done: Cell::new(0),
     }
 }
@@ -394,8 +499,8 @@ fn progress_bar(pages: usize) -> Bar {
 impl Bar {
     fn on_page(&self, page: &Page) {
         let status = format!(
-            "{} token requests, {} 401 replays, {} 429 retries",
-            page.token_requests, page.replays, page.retries
+            "{} records, {} token requests, {} 401 replays, {} 429 retries",
+            page.records_so_far, page.token_requests, page.replays, page.retries
         );
         if let Err(error) = &page.result {
             self.bar
@@ -403,14 +508,22 @@ impl Bar {
         }
         let done = self.done.get() + 1;
         self.done.set(done);
+        if let (false, Some(pages)) = (self.known.get(), page.pages_known) {
+            self.known.set(true);
+            self.bar.set_style(bar_style(KNOWN_END));
+            self.bar.set_length(pages.max(done) as u64);
+        }
         self.bar.set_message(status.clone());
         self.bar.inc(1);
-        let tenth = (self.pages / 10).max(1);
-        if self.bar.is_hidden() && (done % tenth == 0 || done == self.pages) {
+        let pages = self.bar.length().map(|pages| pages as usize);
+        let every = pages.map_or(10, |pages| (pages / 10).max(1));
+        if self.bar.is_hidden() && (done % every == 0 || Some(done) == pages) {
+            let of = pages.map_or(String::new(), |pages| {
+                format!("{:>3}% ", done * 100 / pages.max(1))
+            });
+            let total = pages.map_or(String::new(), |pages| format!("/{pages}"));
             println!(
-                "  {:>3}% {done}/{} pages, {:.1} s, {status}",
-                done * 100 / self.pages.max(1),
-                self.pages,
+                "  {of}{done}{total} pages, {:.1} s, {status}",
                 self.bar.elapsed().as_secs_f64()
             );
         }
@@ -429,7 +542,7 @@ fn print_report(report: &Report) {
         report.records.to_string(),
         match report.records_expected {
             Some(expected) => format!("of {expected}"),
-            None => "non-empty lines of the bodies".to_owned(),
+            None => "the lengths of the pages' record arrays".to_owned(),
         },
     ));
     rows.push((
