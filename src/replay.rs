@@ -79,7 +79,7 @@ pin_project! {
         },
         Replay {
             chunks: VecDeque<Bytes>,
-            trailers: Option<HeaderMap>,
+            trailers: Option<Box<HeaderMap>>,
         },
         // A copy made before the first attempt finished: it replays the recording once that is
         // complete (checked with `ReplayBody::is_replayable` before it is sent).
@@ -136,7 +136,13 @@ impl<B> ReplayBody<B> {
     where
         B: Body<Data = Bytes>,
     {
-        Self::recording(body, content_length(headers), cap, true)
+        // An empty body (most GETs) needs no length: skip reading the header.
+        let declared = if body.is_end_stream() {
+            None
+        } else {
+            content_length(headers)
+        };
+        Self::recording(body, declared, cap, true)
     }
 
     /// Wrap the body of a request the auth layer passes through: nothing is kept, but an empty
@@ -178,7 +184,7 @@ impl<B> ReplayBody<B> {
         Self {
             kind: Kind::Replay {
                 chunks: chunks.into(),
-                trailers,
+                trailers: trailers.map(Box::new),
             },
         }
     }
@@ -289,7 +295,7 @@ where
                     if let Some(chunk) = chunks.pop_front() {
                         return Poll::Ready(Some(Ok(Frame::data(chunk))));
                     }
-                    return Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))));
+                    return Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))));
                 }
                 KindProj::Deferred { recording } => {
                     let replay = {
@@ -299,7 +305,7 @@ where
                         }
                         Kind::Replay {
                             chunks: recording.chunks.iter().cloned().collect(),
-                            trailers: recording.trailers.clone(),
+                            trailers: recording.trailers.clone().map(Box::new),
                         }
                     };
                     kind.set(replay);
@@ -595,8 +601,9 @@ enum BodyReplay<B> {
     Empty,
     /// The first attempt records the body as it streams.
     Recorded(Arc<Mutex<Recording<B>>>),
-    /// Taken from the recording when the rejection arrived: what the replay sends.
-    Frozen(ReplayBody<B>),
+    /// Taken from the recording when the rejection arrived: what the replay sends. Boxed: only
+    /// a rejected request has one, and it would otherwise grow every response future.
+    Frozen(Box<ReplayBody<B>>),
 }
 
 /// Everything needed to send a request again, except the token.
@@ -643,7 +650,7 @@ impl<B> ReplayRequest<B> {
         let body = match self.body {
             BodyReplay::Empty => ReplayBody::replay(Vec::new(), None),
             BodyReplay::Recorded(recording) => lock(&recording).replay_body()?,
-            BodyReplay::Frozen(body) => body,
+            BodyReplay::Frozen(body) => *body,
         };
         let mut request = self.head.into_request(body)?;
         request
@@ -667,7 +674,7 @@ impl<B> ReplayRequest<B> {
     pub(crate) fn freeze(&mut self) -> Result<(), NotReplayable> {
         if let BodyReplay::Recorded(recording) = &self.body {
             let body = lock(recording).replay_body()?;
-            self.body = BodyReplay::Frozen(body);
+            self.body = BodyReplay::Frozen(Box::new(body));
         }
         Ok(())
     }
