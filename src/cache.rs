@@ -459,6 +459,17 @@ impl TokenCache {
         self.invalidate(generation)
     }
 
+    /// [`reject`](Self::reject) for the header value a request carried (the credential the
+    /// layer wrote), for middleware below the layer that sees a refusal the layer cannot.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+    pub(crate) fn reject_credential(&self, credential: &HeaderValue) -> Rejection {
+        let generation = match self.shared.current.load().as_deref() {
+            Some(entry) if entry.header.as_bytes() == credential.as_bytes() => entry.generation,
+            _ => return self.absorb_stale_rejection(0),
+        };
+        self.invalidate(generation)
+    }
+
     /// What the cache has done so far, and the state of its current token: cheap enough to
     /// print or export as metrics on every tick.
     pub fn stats(&self) -> CacheStats {

@@ -38,16 +38,18 @@
 //!   starts (a stream over a collection), within the replay cap
 //!   ([`max_replay_body`](crate::AuthLayerBuilder::max_replay_body), 64 KiB by default) and
 //!   within [`READ_AHEAD`] bytes.
-//! - Not a client stream whose messages come later (from a channel, say) when the server
-//!   refuses the token before reading them, as a tonic interceptor does: the call is still
-//!   streaming when `UNAUTHENTICATED` arrives, and the caller gets it.
+//! - A client stream whose messages come later (from a channel, say), refused before the server
+//!   read them, as a tonic interceptor does: the replay sends the messages recorded so far and
+//!   takes over the rest of the stream, which the first attempt never sent (the mechanism
+//!   `tests/replay.rs` checks for slow uploads over HTTP/1.1 and HTTP/2), within the cap.
 //! - **Server-streaming and bidirectional calls** refused before the first response message:
 //!   that refusal is a *trailers-only* response (the `grpc-status` is in the headers), and
 //!   [`unauthenticated`] sees it. The request side follows the rules above.
 //! - **Not a status in trailers**, after a normal header frame (a stream that ends with
-//!   `UNAUTHENTICATED` after some messages). Seeing it means reading the response body, which
-//!   the layer does not do; the caller gets the status from tonic as usual, and the token is not
-//!   invalidated by it (the next call refused in its headers does that).
+//!   `UNAUTHENTICATED` after some messages): its messages have reached the caller already, so
+//!   the call cannot be sent again, and the caller gets the status from tonic as usual. Put a
+//!   [`TrailersRejectionLayer`] below the auth layer so that such a status at least retires the
+//!   token it refused: the next call then takes a new one instead of being refused first.
 //!
 //! # Why the conversion reads ahead
 //! tonic's request body says it has ended only when it is polled once more after its last
@@ -61,14 +63,20 @@
 //! tonic 0.14 needs Rust 1.88; the rest of the crate builds on 1.85.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, StatusCode};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 use tower::BoxError;
+use tower_layer::Layer;
+use tower_service::Service;
 
+use crate::cache::TokenCache;
 use crate::inner_body::IntoInnerBody;
 use crate::replay::ReplayBody;
 
@@ -125,6 +133,167 @@ pub fn unauthenticated(status: StatusCode, headers: &HeaderMap) -> bool {
         || headers
             .get("grpc-status")
             .is_some_and(|code| code.as_bytes().trim_ascii() == UNAUTHENTICATED)
+}
+
+/// Retires the token a response's *trailers* refuse (`grpc-status: 16` after some messages),
+/// which the auth layer's predicate cannot see in the headers.
+///
+/// Place it below the [`AuthLayer`](crate::AuthLayer), over the same cache: it notes the
+/// credential each request carries, watches the trailers of the response body as the caller
+/// reads it (nothing is buffered), and on `UNAUTHENTICATED` reports that credential to the
+/// cache, generation-checked like a 401 (see [`TokenCache::reject`]). The call itself is not
+/// replayed: its messages have reached the caller already.
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_auth_refresh::{grpc, AuthLayer, StaticToken, Token};
+///
+/// # async fn run() {
+/// let channel = tonic::transport::Endpoint::from_static("http://[::1]:50051").connect_lazy();
+/// let auth = AuthLayer::builder(StaticToken::new(Token::new("secret")))
+///     .inner_body(grpc::TonicBody)
+///     .token_rejected_when(grpc::unauthenticated)
+///     .build();
+/// let service = ServiceBuilder::new()
+///     .layer(auth.clone())
+///     .layer(grpc::TrailersRejectionLayer::new(auth.cache().clone()))
+///     .service(channel);
+/// let client = tonic::client::Grpc::new(service);
+/// # drop(client);
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct TrailersRejectionLayer {
+    cache: TokenCache,
+    header_name: HeaderName,
+}
+
+impl TrailersRejectionLayer {
+    /// Report refusals in trailers to `cache`, reading the credential from `Authorization`.
+    pub fn new(cache: TokenCache) -> Self {
+        Self {
+            cache,
+            header_name: AUTHORIZATION,
+        }
+    }
+
+    /// Read the credential from this header instead, when the auth layer writes another one.
+    pub fn header_name(mut self, name: HeaderName) -> Self {
+        self.header_name = name;
+        self
+    }
+}
+
+impl<S> Layer<S> for TrailersRejectionLayer {
+    type Service = TrailersRejection<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TrailersRejection {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of a [`TrailersRejectionLayer`].
+#[derive(Clone, Debug)]
+pub struct TrailersRejection<S> {
+    inner: S,
+    layer: TrailersRejectionLayer,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TrailersRejection<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<WatchTrailers<ResBody>>;
+    type Error = S::Error;
+    type Future = WatchTrailersFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let watch = request
+            .headers()
+            .get(&self.layer.header_name)
+            .map(|credential| (self.layer.cache.clone(), credential.clone()));
+        WatchTrailersFuture {
+            future: self.inner.call(request),
+            watch,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`TrailersRejection`].
+    pub struct WatchTrailersFuture<F> {
+        #[pin]
+        future: F,
+        watch: Option<(TokenCache, HeaderValue)>,
+    }
+}
+
+impl<F, ResBody, E> Future for WatchTrailersFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<WatchTrailers<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.future.poll(cx))?;
+        let watch = this.watch.take();
+        Poll::Ready(Ok(response.map(|body| WatchTrailers { body, watch })))
+    }
+}
+
+pin_project! {
+    /// A response body that reports `UNAUTHENTICATED` in its trailers to the token cache.
+    pub struct WatchTrailers<B> {
+        #[pin]
+        body: B,
+        watch: Option<(TokenCache, HeaderValue)>,
+    }
+}
+
+impl<B: Body> Body for WatchTrailers<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.body.poll_frame(cx));
+        if let Some(Ok(frame)) = &frame {
+            let refused = frame.trailers_ref().is_some_and(|trailers| {
+                trailers
+                    .get("grpc-status")
+                    .is_some_and(|code| code.as_bytes().trim_ascii() == UNAUTHENTICATED)
+            });
+            if refused {
+                if let Some((cache, credential)) = this.watch.take() {
+                    let rejection = cache.reject_credential(&credential);
+                    tracing::debug!(
+                        ?rejection,
+                        "UNAUTHENTICATED in the response trailers; the token was reported"
+                    );
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A body whose ready frames were read when it was made; they come out first, unchanged.

@@ -263,3 +263,47 @@ async fn the_default_predicate_does_not_see_unauthenticated() {
     assert_eq!(idp.token_requests(), 1);
     assert_eq!(auth.cache().stats().replays, 0);
 }
+
+/// A status in trailers cannot be replayed, but with `TrailersRejectionLayer` below the auth
+/// layer it retires the token it refused: the next call takes a new token up front.
+#[tokio::test]
+async fn a_status_in_trailers_retires_the_token_with_the_trailers_layer() {
+    let registry = TokenRegistry::default();
+    let idp = IdentityProvider::start(registry.clone(), None).await;
+    let server = GrpcServer::start(registry.clone()).await;
+    let channel = Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let auth = AuthLayer::builder(http_provider(&idp))
+        .inner_body(TonicBody)
+        .token_rejected_when(grpc::unauthenticated)
+        .build();
+    let service = ServiceBuilder::new()
+        .layer(auth.clone())
+        .layer(grpc::TrailersRejectionLayer::new(auth.cache().clone()))
+        .service(channel);
+    let mut client = tonic::client::Grpc::new(service);
+    client.ready().await.unwrap();
+    let mut stream = client
+        .server_streaming(tonic::Request::new(Msg::n(2)), COUNT_THEN_REFUSE, codec())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().map(|m| m.n), Some(0));
+    assert_eq!(stream.message().await.unwrap().map(|m| m.n), Some(1));
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let stats = auth.cache().stats();
+    assert_eq!((stats.invalidations, stats.replays), (1, 0));
+
+    // The next call takes token-2 up front: no refusal, no replay.
+    client.ready().await.unwrap();
+    client
+        .unary(tonic::Request::new(Msg::n(7)), UNARY, codec())
+        .await
+        .unwrap();
+    assert_eq!(idp.token_requests(), 2);
+    assert_eq!(auth.cache().stats().replays, 0);
+}
