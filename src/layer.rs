@@ -72,8 +72,8 @@ pub(crate) struct AuthSettings {
     pub(crate) cache: TokenCache,
     pub(crate) header_name: HeaderName,
     pub(crate) max_replay_body: usize,
-    pub(crate) rejected: Box<RejectionPredicate>,
-    pub(crate) replay_if: Option<Box<ReplayPredicate>>,
+    pub(crate) rejected: Arc<RejectionPredicate>,
+    pub(crate) replay_if: Option<Arc<ReplayPredicate>>,
     pub(crate) existing: ExistingAuthorization,
     pub(crate) origins: Option<Vec<Origin>>,
 }
@@ -161,17 +161,21 @@ pub struct AuthLayerBuilder<C, I = Unchanged> {
 }
 
 /// The layer's own options, which become its [`AuthSettings`] next to the cache.
-struct LayerOptions {
+///
+/// Cloned once per cache by a [`KeyedAuthLayer`](crate::keyed::KeyedAuthLayer), so the
+/// predicates are shared, not boxed per cache.
+#[derive(Clone)]
+pub(crate) struct LayerOptions {
     header_name: HeaderName,
     max_replay_body: usize,
-    rejected: Box<RejectionPredicate>,
-    replay_if: Option<Box<ReplayPredicate>>,
+    rejected: Arc<RejectionPredicate>,
+    replay_if: Option<Arc<ReplayPredicate>>,
     existing: ExistingAuthorization,
     origins: Option<Vec<Origin>>,
 }
 
 impl LayerOptions {
-    fn into_settings(self, cache: TokenCache) -> AuthSettings {
+    pub(crate) fn into_settings(self, cache: TokenCache) -> AuthSettings {
         AuthSettings {
             cache,
             header_name: self.header_name,
@@ -185,14 +189,14 @@ impl LayerOptions {
 }
 
 impl<C> AuthLayerBuilder<C> {
-    fn new(cache: C) -> Self {
+    pub(crate) fn new(cache: C) -> Self {
         Self {
             cache,
             inner_body: Unchanged,
             options: LayerOptions {
                 header_name: AUTHORIZATION,
                 max_replay_body: DEFAULT_MAX_REPLAY_BODY,
-                rejected: Box::new(predicate::unauthorized),
+                rejected: Arc::new(predicate::unauthorized),
                 replay_if: None,
                 existing: ExistingAuthorization::Keep,
                 origins: None,
@@ -251,7 +255,7 @@ impl<C, I> AuthLayerBuilder<C, I> {
     where
         F: Fn(StatusCode, &HeaderMap) -> bool + Send + Sync + 'static,
     {
-        self.options.rejected = Box::new(rejected);
+        self.options.rejected = Arc::new(rejected);
         self
     }
 
@@ -262,7 +266,7 @@ impl<C, I> AuthLayerBuilder<C, I> {
     where
         F: Fn(&request::Parts) -> bool + Send + Sync + 'static,
     {
-        self.options.replay_if = Some(Box::new(replay_if));
+        self.options.replay_if = Some(Arc::new(replay_if));
         self
     }
 
@@ -271,6 +275,16 @@ impl<C, I> AuthLayerBuilder<C, I> {
     pub fn existing_authorization(mut self, existing: ExistingAuthorization) -> Self {
         self.options.existing = existing;
         self
+    }
+
+    /// What the builder holds, for builders of other layers over the same options.
+    pub(crate) fn into_parts(self) -> (C, I, LayerOptions) {
+        (self.cache, self.inner_body, self.options)
+    }
+
+    /// The cache part, mutably, for builders of other layers over the same options.
+    pub(crate) fn cache_mut(&mut self) -> &mut C {
+        &mut self.cache
     }
 
     fn finish(self, into_cache: impl FnOnce(C) -> TokenCache) -> AuthLayer<I> {

@@ -49,6 +49,7 @@ mod future;
 pub mod grpc;
 mod head;
 pub mod inner_body;
+pub mod keyed;
 pub mod layer;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
@@ -71,6 +72,7 @@ pub mod token;
 pub use cache::{CacheStats, NotReplayedCounts, Rejection, TokenCache, TokenCacheBuilder};
 pub use error::{AuthError, ErrorCode, TokenEndpointError};
 pub use future::ResponseFuture;
+pub use keyed::{KeyedAuthLayer, KeyedAuthService, KeyedCaches, KeyedStats};
 pub use layer::{AuthLayer, AuthLayerBuilder, ExistingAuthorization};
 pub use origin::{InvalidOrigin, Origin};
 pub use provider::{provider_fn, ProviderFn, ProviderFuture, StaticToken, TokenProvider};

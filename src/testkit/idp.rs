@@ -41,7 +41,9 @@ impl std::fmt::Debug for TokenRegistry {
 }
 
 impl TokenRegistry {
-    fn issue(&self, token: String, expires_at: Option<Instant>) {
+    /// Record `token` as issued, valid until `expires_at` (`None`: forever): for a test that
+    /// issues its own tokens, many of them, without a token request each.
+    pub fn issue(&self, token: String, expires_at: Option<Instant>) {
         lock(&self.tokens).insert(token, expires_at);
     }
 
@@ -100,6 +102,8 @@ struct IdpState {
     mode: Mutex<IdpMode>,
     /// Each token request waits this long (Tokio's clock) before it is answered.
     latency: Mutex<Duration>,
+    /// Issued tokens are `<prefix>-<n>`.
+    prefix: Mutex<String>,
 }
 
 /// An OAuth2 token endpoint on `127.0.0.1`: `POST /token` with
@@ -163,6 +167,7 @@ impl IdentityProvider {
             announce_expiry: AtomicBool::new(true),
             mode: Mutex::new(IdpMode::Issue),
             latency: Mutex::new(Duration::ZERO),
+            prefix: Mutex::new("token".to_owned()),
         });
         let handler_state = state.clone();
         let addr = serve(move |request| handle(handler_state.clone(), request)).await?;
@@ -193,6 +198,12 @@ impl IdentityProvider {
     /// How long each token request takes to be answered (default: no time).
     pub fn set_latency(&self, latency: Duration) {
         *lock(&self.state.latency) = latency;
+    }
+
+    /// Issue `<prefix>-<n>` from now on instead of `token-<n>`, to tell apart the tokens of
+    /// several identity providers (one per audience, say).
+    pub fn set_token_prefix(&self, prefix: &str) {
+        *lock(&self.state.prefix) = prefix.to_owned();
     }
 
     /// How long the tokens issued from now on live (server side; `None`: forever).
@@ -243,7 +254,7 @@ async fn handle(
             return Ok(response);
         }
     }
-    let token = format!("token-{n}");
+    let token = format!("{}-{n}", lock(&state.prefix));
     let ttl = *lock(&state.ttl);
     state
         .registry
