@@ -382,3 +382,53 @@ async fn a_request_without_a_key_goes_out_without_a_token() {
     assert_eq!(audience.api.with_authorization(), 1);
     assert_eq!(layer.stats(), stats(1, 1, 0, 0));
 }
+
+/// Threads racing to create the same new keys build one cache per key: a request that waited
+/// for the writer's lock uses the cache the winner built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_first_requests_build_one_cache_per_key() {
+    const TASKS: usize = 8;
+    const KEYS: u32 = 200;
+    let registry = TokenRegistry::default();
+    let api = Api::start(registry.clone(), 0).await;
+    let token_requests = Arc::new(AtomicUsize::new(0));
+    let counter = token_requests.clone();
+    let layer = KeyedAuthLayer::builder(
+        |request: &http::request::Parts| request.uri.query()?.parse::<u32>().ok(),
+        move |key: &u32| {
+            let secret = format!("key-{key}");
+            let registry = registry.clone();
+            let counter = counter.clone();
+            provider_fn(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                registry.issue(secret.clone(), None);
+                let token = Token::new(secret.clone());
+                async move { Ok::<_, tower::BoxError>(token) }
+            })
+        },
+    )
+    .build();
+    let service = ServiceBuilder::new().layer(layer.clone()).service(client());
+    let start = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let tasks = (0..TASKS).map(|_| {
+        let service = service.clone();
+        let start = start.clone();
+        let api = api.clone();
+        tokio::spawn(async move {
+            start.wait().await;
+            for key in 0..KEYS {
+                let request = Request::get(api.url(&format!("/whoami?{key}")))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let response = service.clone().oneshot(request).await.unwrap();
+                assert_eq!(body_string(response).await, format!("key-{key}"));
+            }
+        })
+    });
+    for task in join_all(tasks).await {
+        task.unwrap();
+    }
+    assert_eq!(layer.stats(), stats(KEYS as usize, KEYS.into(), 0, 0));
+    assert_eq!(token_requests.load(Ordering::SeqCst), KEYS as usize);
+    assert_eq!(api.served(), TASKS * KEYS as usize);
+}
