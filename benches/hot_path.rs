@@ -20,9 +20,14 @@
 //!   reference count, not a copy).
 //! - `{get,post_1k}/auth_layer_no_replay`: the same with `replay_when(|_| false)`: no copy of
 //!   the head, to compare with `add_authorization`.
+//! - `{get,post_1k}/keyed_3`: `tower_auth_refresh::KeyedAuthLayer` holding three keys (one per
+//!   API host, keyed by a `&'static str` so the key costs no allocation), every request for one
+//!   of them: `auth_layer` plus the key function, the lock-free lookup and the clock read that
+//!   marks the key used.
 //!
 //! The ratios to compare, within one run: `auth_layer / floor` (what the layer costs beyond
-//! what replaying requires) and `auth_layer_no_replay / add_authorization`.
+//! what replaying requires), `auth_layer_no_replay / add_authorization`, and
+//! `keyed_3 / auth_layer` (what choosing the token per request adds).
 //!
 //! Group `contention`, on a 2-worker multi-thread runtime: 1, 2, 8 or 64 tasks share 16,384 GET
 //! requests per iteration, each task sending through its own clone of one service, so they all
@@ -49,7 +54,7 @@ use http_body::Body;
 use http_body_util::{Empty, Full};
 use tokio::runtime::Runtime;
 use tower::{Layer, Service};
-use tower_auth_refresh::{AuthLayer, StaticToken, Token};
+use tower_auth_refresh::{AuthLayer, KeyedAuthLayer, StaticToken, Token};
 use tower_http::auth::AddAuthorizationLayer;
 
 mod common;
@@ -76,6 +81,26 @@ fn auth_layer() -> AuthLayer {
     AuthLayer::new(StaticToken::new(
         Token::new(SECRET).with_expires_in(Duration::from_secs(3600)),
     ))
+}
+
+/// The hosts of [`keyed_layer`]'s three keys; `URI`'s host is the first.
+const KEYED_HOSTS: [&str; 3] = [
+    "api.example.com",
+    "reports.example.com",
+    "billing.example.com",
+];
+
+/// A layer with one cache per API host, each over a `StaticToken` that lives an hour.
+fn keyed_layer() -> KeyedAuthLayer<&'static str> {
+    KeyedAuthLayer::new(
+        |parts: &http::request::Parts| {
+            let host = parts.uri.host()?;
+            KEYED_HOSTS.into_iter().find(|known| *known == host)
+        },
+        |_: &&'static str| {
+            StaticToken::new(Token::new(SECRET).with_expires_in(Duration::from_secs(3600)))
+        },
+    )
 }
 
 fn add_authorization() -> AddAuthorizationLayer {
@@ -142,12 +167,20 @@ fn bench_kind<B>(
     .replay_when(|_| false)
     .build();
     let no_replay = no_replay_layer.layer(Ok200);
+    let keyed_layer = keyed_layer();
+    let keyed = keyed_layer.layer(Ok200);
 
     // Warm the caches: the first request fetches the token; none of the measured ones may.
     runtime.block_on(send(&mut auth.clone(), make_request()));
     runtime.block_on(send(&mut no_replay.clone(), make_request()));
     assert_eq!(layer.cache().stats().token_requests, 1);
     assert_eq!(no_replay_layer.cache().stats().token_requests, 1);
+    for host in KEYED_HOSTS {
+        let mut request = make_request();
+        *request.uri_mut() = format!("http://{host}/v1/items").parse().expect("a URI");
+        runtime.block_on(send(&mut keyed.clone(), request));
+    }
+    assert_eq!(keyed_layer.stats().keys, 3);
 
     bench_variant(group, runtime, &format!("{kind}/bare"), &bare, make_request);
     bench_variant(
@@ -186,8 +219,25 @@ fn bench_kind<B>(
         make_request,
     );
 
-    for layer in [&layer, &no_replay_layer] {
-        let stats = layer.cache().stats();
+    bench_variant(
+        group,
+        runtime,
+        &format!("{kind}/keyed_3"),
+        &keyed,
+        make_request,
+    );
+
+    assert_eq!(
+        keyed_layer.stats().created,
+        3,
+        "a key was dropped and built again"
+    );
+    let keyed_caches = keyed_layer.caches().into_iter().map(|(_, cache)| cache);
+    for cache in [layer.cache().clone(), no_replay_layer.cache().clone()]
+        .into_iter()
+        .chain(keyed_caches)
+    {
+        let stats = cache.stats();
         assert_eq!(
             (stats.token_requests, stats.replays),
             (1, 0),
