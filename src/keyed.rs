@@ -4,7 +4,7 @@
 //! computes a key from each request's head with a function of yours and sends the request with
 //! the token of that key's own [`TokenCache`], built on first use from one provider factory.
 //! Each key's cache is an ordinary `TokenCache`, and each request goes through the same
-//! [`AuthService`](crate::AuthService) code as with an [`AuthLayer`]: single flight, the two
+//! [`AuthService`] code as with an [`AuthLayer`]: single flight, the two
 //! refresh windows, the rejection cooldown and the one 401 replay hold per key, and a 401 for
 //! one key refreshes nothing for the others.
 //!
@@ -330,7 +330,7 @@ impl<S, K, I: Clone> Layer<S> for KeyedAuthLayer<K, I> {
 }
 
 /// The service a [`KeyedAuthLayer`] builds: each request goes through an
-/// [`AuthService`](crate::AuthService) over its key's cache.
+/// [`AuthService`] over its key's cache.
 ///
 /// `poll_ready` is the inner service's, as for `AuthService`.
 pub struct KeyedAuthService<S, K, I = Unchanged> {
