@@ -76,10 +76,28 @@ where
     I: IntoInnerBody<B>,
     S: Service<Request<I::Body>>,
 {
-    /// A request the layer leaves alone (it carried its own credential): only the inner future.
-    pub(crate) fn passthrough(future: S::Future, inner_body: I) -> Self {
+    /// A request sent as it is, with no token of ours and no replay: one the caller
+    /// authorized itself, or one for an origin the token is not meant for.
+    pub(crate) fn passthrough(
+        inner: &mut S,
+        inner_body: &I,
+        parts: http::request::Parts,
+        body: B,
+    ) -> Self
+    where
+        B: http_body::Body,
+    {
+        let body = inner_body.convert(ReplayBody::passthrough(body));
+        let future = inner.call(Request::from_parts(parts, body));
         let replay = Err(NotReplayable::Refused);
-        Self::new(State::First { future }, None, replay, 0, None, inner_body)
+        Self::new(
+            State::First { future },
+            None,
+            replay,
+            0,
+            None,
+            inner_body.clone(),
+        )
     }
 
     /// The first attempt is under way. Without `replay`, a rejection still invalidates the

@@ -77,7 +77,6 @@ use crate::future::ResponseFuture;
 use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::{AuthLayer, AuthLayerBuilder, AuthSettings, LayerOptions};
 use crate::provider::TokenProvider;
-use crate::replay::ReplayBody;
 use crate::service::AuthService;
 
 /// Default bound on the number of keys, and so of token caches, a [`KeyedAuthLayer`] holds.
@@ -394,9 +393,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let (parts, body) = request.into_parts();
         let Some(key) = (self.shared.key)(&parts) else {
-            let body = self.inner_body.convert(ReplayBody::passthrough(body));
-            let future = self.inner.call(Request::from_parts(parts, body));
-            return ResponseFuture::passthrough(future, self.inner_body.clone());
+            return ResponseFuture::passthrough(&mut self.inner, &self.inner_body, parts, body);
         };
         let settings = self.shared.settings(key);
         // The ready service goes to this request's `AuthService`, so the one response future

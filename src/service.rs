@@ -95,9 +95,7 @@ where
         if let Some(origins) = &settings.origins {
             let allowed = Origin::of(&parts.uri).is_some_and(|origin| origins.contains(&origin));
             if !allowed {
-                let body = self.inner_body.convert(ReplayBody::passthrough(body));
-                let future = self.inner.call(Request::from_parts(parts, body));
-                return ResponseFuture::passthrough(future, self.inner_body.clone());
+                return ResponseFuture::passthrough(&mut self.inner, &self.inner_body, parts, body);
             }
         }
 
@@ -105,9 +103,7 @@ where
         // goes.
         let acquired = match parts.headers.entry(&settings.header_name) {
             Entry::Occupied(_) if settings.existing == ExistingAuthorization::Keep => {
-                let body = self.inner_body.convert(ReplayBody::passthrough(body));
-                let future = self.inner.call(Request::from_parts(parts, body));
-                return ResponseFuture::passthrough(future, self.inner_body.clone());
+                return ResponseFuture::passthrough(&mut self.inner, &self.inner_body, parts, body);
             }
             entry => match settings.cache.acquire() {
                 Acquire::Ready(credential) => {
