@@ -31,6 +31,25 @@ struct World {
 /// Tokens that never expire by time and are not announced as expiring: they expire when the
 /// server revokes them, and the client learns of it only through `UNAUTHENTICATED`.
 async fn world() -> World {
+    let (registry, idp, server, channel, auth) = parts().await;
+    let service = ServiceBuilder::new().layer(auth.clone()).service(channel);
+    World {
+        idp,
+        server,
+        registry,
+        auth,
+        client: tonic::client::Grpc::new(service),
+    }
+}
+
+/// The servers, a connected channel, and the layer with tonic's body and gRPC's predicate.
+async fn parts() -> (
+    TokenRegistry,
+    IdentityProvider,
+    GrpcServer,
+    Channel,
+    AuthLayer<TonicBody>,
+) {
     let registry = TokenRegistry::default();
     let idp = IdentityProvider::start(registry.clone(), None).await;
     let server = GrpcServer::start(registry.clone()).await;
@@ -43,14 +62,7 @@ async fn world() -> World {
         .inner_body(TonicBody)
         .token_rejected_when(grpc::unauthenticated)
         .build();
-    let service = ServiceBuilder::new().layer(auth.clone()).service(channel);
-    World {
-        idp,
-        server,
-        registry,
-        auth,
-        client: tonic::client::Grpc::new(service),
-    }
+    (registry, idp, server, channel, auth)
 }
 
 async fn unary(client: &mut Client, n: u32) -> Result<Msg, tonic::Status> {
@@ -268,18 +280,7 @@ async fn the_default_predicate_does_not_see_unauthenticated() {
 /// layer it retires the token it refused: the next call takes a new token up front.
 #[tokio::test]
 async fn a_status_in_trailers_retires_the_token_with_the_trailers_layer() {
-    let registry = TokenRegistry::default();
-    let idp = IdentityProvider::start(registry.clone(), None).await;
-    let server = GrpcServer::start(registry.clone()).await;
-    let channel = Endpoint::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let auth = AuthLayer::builder(http_provider(&idp))
-        .inner_body(TonicBody)
-        .token_rejected_when(grpc::unauthenticated)
-        .build();
+    let (_registry, idp, _server, channel, auth) = parts().await;
     let service = ServiceBuilder::new()
         .layer(auth.clone())
         .layer(grpc::TrailersRejectionLayer::new(auth.cache().clone()))
