@@ -135,9 +135,11 @@ async fn genesys_users_by_page_count_under_the_per_token_limit_across_expiries()
     let platform = genesys_platform(&genesys, Preset::GenesysUsers, "/api/v2/users", 25);
     let seen = Seen::new("id");
     let started = Instant::now();
-    let report = bounded(job::run_platform(&config, &platform, |page| seen.on_page(page)))
-        .await
-        .unwrap();
+    let report = bounded(job::run_platform(&config, &platform, |page| {
+        seen.on_page(page)
+    }))
+    .await
+    .unwrap();
     let elapsed = started.elapsed();
 
     assert_eq!(*seen.failed.borrow(), Vec::new(), "no page failed");
@@ -150,10 +152,16 @@ async fn genesys_users_by_page_count_under_the_per_token_limit_across_expiries()
     );
     // The first answer's pageCount ends the walk: no page past the 16th is asked for.
     assert_eq!(report.pages, 16);
-    assert!(report.elapsed >= Duration::from_secs(60) / 299 * 15, "{report:?}");
+    assert!(
+        report.elapsed >= Duration::from_secs(60) / 299 * 15,
+        "{report:?}"
+    );
 
     let counts = genesys.counts();
-    assert_eq!(counts.throttled, 0, "the per-token limit was never exceeded");
+    assert_eq!(
+        counts.throttled, 0,
+        "the per-token limit was never exceeded"
+    );
     assert_eq!(report.retries, 0);
     assert_eq!(counts.token_refused, 0);
     assert_eq!(counts.api_requests, 16 + counts.unauthorized);
@@ -184,9 +192,11 @@ async fn genesys_conversations_query_pages_in_the_post_body_across_expiries() {
     );
     let seen = Seen::new("conversationId");
     let started = Instant::now();
-    let report = bounded(job::run_platform(&config, &platform, |page| seen.on_page(page)))
-        .await
-        .unwrap();
+    let report = bounded(job::run_platform(&config, &platform, |page| {
+        seen.on_page(page)
+    }))
+    .await
+    .unwrap();
     let elapsed = started.elapsed();
 
     assert_eq!(*seen.failed.borrow(), Vec::new(), "no page failed");
@@ -200,10 +210,16 @@ async fn genesys_conversations_query_pages_in_the_post_body_across_expiries() {
     // The 12 pages, the empty 13th, and at most one more empty page for each of the other 3
     // workers, handed out before the end was known.
     assert!((13..=16).contains(&report.pages), "{report:?}");
-    assert!(report.elapsed >= Duration::from_secs(60) / 299 * 12, "{report:?}");
+    assert!(
+        report.elapsed >= Duration::from_secs(60) / 299 * 12,
+        "{report:?}"
+    );
 
     let counts = genesys.counts();
-    assert_eq!(counts.throttled, 0, "the per-token limit was never exceeded");
+    assert_eq!(
+        counts.throttled, 0,
+        "the per-token limit was never exceeded"
+    );
     assert_eq!(counts.token_refused, 0);
     assert_eq!(counts.api_requests, report.pages + counts.unauthorized);
     assert_eq!(report.replays, counts.unauthorized as u64);
@@ -243,9 +259,11 @@ async fn cxone_agents_through_discovery_access_key_and_the_tenant_api() {
     };
     let seen = Seen::new("agentId");
     let started = Instant::now();
-    let report = bounded(job::run_platform(&config, &platform, |page| seen.on_page(page)))
-        .await
-        .unwrap();
+    let report = bounded(job::run_platform(&config, &platform, |page| {
+        seen.on_page(page)
+    }))
+    .await
+    .unwrap();
     let elapsed = started.elapsed();
 
     assert_eq!(*seen.failed.borrow(), Vec::new(), "no page failed");
@@ -261,15 +279,24 @@ async fn cxone_agents_through_discovery_access_key_and_the_tenant_api() {
         format!("{}{path}?skip={{skip}}&top={{size}}", cxone.issuer()),
         "the path, on the API the tenant's configuration names"
     );
-    assert_eq!(report.token_endpoint, format!("{}/auth/token", cxone.issuer()));
+    assert_eq!(
+        report.token_endpoint,
+        format!("{}/auth/token", cxone.issuer())
+    );
     // The 25 pages, the empty 26th, and at most 3 more empty ones.
     assert!((26..=29).contains(&report.pages), "{report:?}");
 
     let counts = cxone.counts();
     assert_eq!(counts.discovery, 1);
     assert_eq!(counts.configuration, 1, "the tenant's API looked up once");
-    assert_eq!(counts.password_grants, 1, "the access key once, then refresh tokens");
-    assert_eq!(counts.refresh_refused, 0, "every rotated refresh token kept");
+    assert_eq!(
+        counts.password_grants, 1,
+        "the access key once, then refresh tokens"
+    );
+    assert_eq!(
+        counts.refresh_refused, 0,
+        "every rotated refresh token kept"
+    );
     assert_eq!(counts.client_credentials_refused, 0);
     assert_eq!(counts.invalid_credentials, 0);
     assert_eq!(counts.api_requests, report.pages + counts.api_unauthorized);
@@ -330,7 +357,10 @@ async fn genesys_per_token_limit_keeps_a_four_worker_job_under_a_low_limit() {
 
     assert_eq!(*seen.failed.borrow(), Vec::new(), "no page failed");
     assert_eq!(report.records, 400);
-    assert_eq!(seen.sorted(), sorted((1..=400).map(|i| format!("user-{i}"))));
+    assert_eq!(
+        seen.sorted(),
+        sorted((1..=400).map(|i| format!("user-{i}")))
+    );
     assert_eq!(report.pages, 40);
     assert_eq!(
         genesys.counts(),

@@ -782,6 +782,12 @@ fn print_header(
             platform.paging.max_pages.unwrap_or_default(),
             platform.paging.url
         );
+        if let Some(limit) = config.per_token_limit {
+            println!(
+                "at most {limit} requests a minute per token in each worker, {} in all",
+                limit * workers as u64
+            );
+        }
         return;
     }
     println!(

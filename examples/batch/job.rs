@@ -396,7 +396,10 @@ pub async fn run_platform_shard(
 ) -> Result<Report, BoxError> {
     let (id, secret) = (platform.client_id.clone(), platform.client_secret.clone());
     if platform.paging.url.starts_with('/')
-        && !matches!(platform.token_endpoint, TokenEndpoint::CxoneAccessKey { .. })
+        && !matches!(
+            platform.token_endpoint,
+            TokenEndpoint::CxoneAccessKey { .. }
+        )
     {
         return Err(format!(
             "the API URL {} is a path: only NICE CXone's access key (CXONE_ACCESS_KEY_ID) and \
@@ -457,8 +460,8 @@ async fn run_cxone_shard(
     let transport = oauth2::default_transport();
     let metadata = oauth2::discover(issuer, &transport, false).await?;
     let (id, secret) = (platform.client_id.clone(), platform.client_secret.clone());
-    let mut builder =
-        nice_cxone::access_key_grant(&metadata, id, secret, access_key).transport(transport.clone());
+    let mut builder = nice_cxone::access_key_grant(&metadata, id, secret, access_key)
+        .transport(transport.clone());
     if let Some(scope) = &platform.scope {
         builder = builder.scope(scope.clone());
     }

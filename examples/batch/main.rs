@@ -371,11 +371,9 @@ impl Args {
             (None, None, None) => match &self.issuer {
                 Some(issuer) => TokenEndpoint::Issuer(issuer.clone()),
                 None => {
-                    return Err(
-                        "set TOKEN_URL, GENESYS_REGION, CXONE_ACCESS_KEY_ID (with \
+                    return Err("set TOKEN_URL, GENESYS_REGION, CXONE_ACCESS_KEY_ID (with \
                          CXONE_ACCESS_KEY_SECRET) or ISSUER"
-                            .into(),
-                    )
+                        .into())
                 }
             },
         };
