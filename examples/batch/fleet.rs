@@ -57,6 +57,7 @@ const OPTION_VARIABLES: &[&str] = &[
     "TOKEN_URL",
     "GENESYS_REGION",
     "ISSUER",
+    "CXONE_ACCESS_KEY_ID",
     "SCOPE",
     "CLIENT_AUTH",
 ];
@@ -146,6 +147,10 @@ fn namespace(platform: &Platform) -> String {
         TokenEndpoint::Url(url) => url.clone(),
         TokenEndpoint::GenesysRegion(domain) => format!("genesys:{domain}"),
         TokenEndpoint::Issuer(issuer) => format!("issuer:{issuer}"),
+        // Each API user's access key has tokens of its own (its tenant, its permissions).
+        TokenEndpoint::CxoneAccessKey { issuer, key_id, .. } => {
+            format!("cxone:{issuer}:{key_id}")
+        }
     };
     match &platform.scope {
         Some(scope) => format!("batch:{}@{endpoint}#{scope}", platform.client_id),
@@ -571,6 +576,9 @@ async fn fleet(args: &Args, workers: usize) -> Result<FleetReport, BoxError> {
             TokenEndpoint::Url(url) => url.clone(),
             TokenEndpoint::GenesysRegion(domain) => format!("Genesys Cloud, {domain}"),
             TokenEndpoint::Issuer(issuer) => format!("discovered from {issuer}"),
+            TokenEndpoint::CxoneAccessKey { issuer, key_id, .. } => {
+                format!("discovered from {issuer}, access key {key_id}")
+            }
         },
         namespace,
         encrypted,
@@ -654,10 +662,19 @@ fn worker_command(
         .arg(config.max_retries.to_string())
         .arg("--max-retry-after")
         .arg(config.max_retry_after.as_secs_f64().to_string());
+    // The share of the per-token limit this process worked out for each worker (0: none).
+    command
+        .arg("--per-token-limit")
+        .arg(config.per_token_limit.unwrap_or(0).to_string());
     let (option, endpoint) = match &platform.token_endpoint {
         TokenEndpoint::Url(url) => ("--token-url", url),
         TokenEndpoint::GenesysRegion(domain) => ("--genesys-region", domain),
         TokenEndpoint::Issuer(issuer) => ("--issuer", issuer),
+        // The access key secret reaches the worker through its environment, as CLIENT_SECRET.
+        TokenEndpoint::CxoneAccessKey { issuer, key_id, .. } => {
+            command.arg("--cxone-access-key-id").arg(key_id);
+            ("--issuer", issuer)
+        }
     };
     command.arg(option).arg(endpoint);
     if let Some(scope) = &platform.scope {
@@ -765,6 +782,12 @@ fn print_header(
             platform.paging.max_pages.unwrap_or_default(),
             platform.paging.url
         );
+        if let Some(limit) = config.per_token_limit {
+            println!(
+                "at most {limit} requests a minute per token in each worker, {} in all",
+                limit * workers as u64
+            );
+        }
         return;
     }
     println!(

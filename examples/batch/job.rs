@@ -10,9 +10,12 @@
 //!   `testkit`, feature `testkit`), with short-lived tokens, periodic 429s and server-side
 //!   revocations, and fetches every page in the pagination style of [`JobConfig::preset`]. [`Servers::start`] and [`run_on`] do the same in two steps, so a caller
 //!   can look at the servers afterwards.
-//! - [`run_platform`] asks a real token endpoint (client credentials) and walks a real API's
-//!   pages as its [`Paging`] says, until the answers mark the last one. [`run_platform_shard`] fetches one [`Shard`] of them, with the token cache over
-//!   a given [`TokenStore`]: what each process of the fleet mode (`main.rs`, `fleet.rs`) runs.
+//! - [`run_platform`] asks a real token endpoint (client credentials, or NICE CXone's access
+//!   key through discovery) and walks a real API's pages as its [`Paging`] says, until the
+//!   answers mark the last one. [`run_platform_shard`] fetches one [`Shard`] of them, with the
+//!   token cache over a given [`TokenStore`]: what each process of the fleet mode (`main.rs`,
+//!   `fleet.rs`) runs. `tests/batch_platforms.rs` runs it against the crate's CXone and Genesys
+//!   emulators.
 //!
 //! Pages are walked as `paging.rs` says (page number, offset or cursor; the records at a JSON
 //! pointer; the end where a page is empty, past the page count, or without a next cursor).
@@ -40,7 +43,9 @@ use tokio::sync::RwLock;
 use tower::retry::RetryLayer;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_auth_refresh::cache::DEFAULT_ADVISORY_WINDOW;
-use tower_auth_refresh::oauth2::{self, genesys, ClientAuth, ClientCredentials, Secret};
+use tower_auth_refresh::oauth2::{
+    self, genesys, nice_cxone, ClientAuth, ClientCredentials, Secret,
+};
 use tower_auth_refresh::retry::RetryPolicy;
 use tower_auth_refresh::testkit::{Api, IdentityProvider, TokenRegistry};
 use tower_auth_refresh::{AuthLayer, LocalStore, ReplayBody, TokenCache, TokenStore};
@@ -78,6 +83,19 @@ pub struct JobConfig {
     pub max_retry_after: Duration,
     /// The job run against the embedded API: its pagination style and end marker.
     pub preset: Preset,
+    /// Requests a minute made with one token, at most, through `buffer` +
+    /// `genesys::rate_limit` below the auth layer, so replays count too (`None`: no such
+    /// limit). Genesys Cloud refuses more with 429s; [`genesys_per_token_limit`] is its default
+    /// share for a process of a fleet.
+    pub per_token_limit: Option<u64>,
+}
+
+/// The share of Genesys Cloud's per-token limit
+/// ([`genesys::PER_TOKEN_REQUESTS_PER_MINUTE`]) of one of `workers` processes sharing a token:
+/// they share one limit, so each keeps to its part of it.
+pub fn genesys_per_token_limit(workers: usize) -> u64 {
+    let workers = u64::try_from(workers.max(1)).unwrap_or(u64::MAX);
+    (genesys::PER_TOKEN_REQUESTS_PER_MINUTE / workers).max(1)
 }
 
 impl Default for JobConfig {
@@ -101,6 +119,7 @@ impl Default for JobConfig {
             max_retries: 3,
             max_retry_after: Duration::from_secs(60),
             preset: Preset::GenesysUsers,
+            per_token_limit: None,
         }
     }
 }
@@ -303,6 +322,19 @@ pub enum TokenEndpoint {
     GenesysRegion(String),
     /// The one an OpenID provider's metadata names (NICE CXone: `https://cxone.niceincontact.com`).
     Issuer(String),
+    /// NICE CXone's back-end flow: the token endpoint an issuer's metadata names (CXone's is
+    /// [`nice_cxone::ISSUER`]), the password grant with an API user's access key and the
+    /// client's id and secret, refresh tokens after that. An API URL that is only a path (such
+    /// as `/inContactAPI/services/v31.0/agents`) is on the tenant's API, which the first token
+    /// names ([`nice_cxone::tenant_api`]): the user need not know their cluster.
+    CxoneAccessKey {
+        /// The issuer, where discovery starts.
+        issuer: String,
+        /// The access key id (the username of the grant).
+        key_id: String,
+        /// The access key secret (the password of the grant; redacted by `Debug`).
+        key_secret: Secret,
+    },
 }
 
 /// Which pages one process of a fleet fetches: the page numbers (from 0) `index`,
@@ -363,7 +395,29 @@ pub async fn run_platform_shard(
     on_page: impl Fn(&Page),
 ) -> Result<Report, BoxError> {
     let (id, secret) = (platform.client_id.clone(), platform.client_secret.clone());
+    if platform.paging.url.starts_with('/')
+        && !matches!(
+            platform.token_endpoint,
+            TokenEndpoint::CxoneAccessKey { .. }
+        )
+    {
+        return Err(format!(
+            "the API URL {} is a path: only NICE CXone's access key (CXONE_ACCESS_KEY_ID) and \
+             GENESYS_REGION say which host it is on",
+            platform.paging.url
+        )
+        .into());
+    }
     let (mut builder, token_endpoint) = match &platform.token_endpoint {
+        TokenEndpoint::CxoneAccessKey {
+            issuer,
+            key_id,
+            key_secret,
+        } => {
+            let access_key = nice_cxone::AccessKey::new(key_id.clone(), key_secret.clone());
+            return run_cxone_shard(config, platform, issuer, access_key, shard, store, on_page)
+                .await;
+        }
         TokenEndpoint::Url(url) => (
             ClientCredentials::builder(url.clone(), id, secret),
             url.clone(),
@@ -389,6 +443,43 @@ pub async fn run_platform_shard(
     let mut report = run_pages(config, auth, &platform.paging, shard, None, &on_page).await?;
     report.api = platform.paging.url.clone();
     report.token_endpoint = token_endpoint;
+    Ok(report)
+}
+
+/// [`run_platform_shard`] for NICE CXone's access key: discovery at `issuer`, the password grant,
+/// and an API URL that is a path resolved against the tenant's API after the first token.
+async fn run_cxone_shard(
+    config: &JobConfig,
+    platform: &Platform,
+    issuer: &str,
+    access_key: nice_cxone::AccessKey,
+    shard: Shard,
+    store: impl TokenStore,
+    on_page: impl Fn(&Page),
+) -> Result<Report, BoxError> {
+    let transport = oauth2::default_transport();
+    let metadata = oauth2::discover(issuer, &transport, false).await?;
+    let (id, secret) = (platform.client_id.clone(), platform.client_secret.clone());
+    let mut builder = nice_cxone::access_key_grant(&metadata, id, secret, access_key)
+        .transport(transport.clone());
+    if let Some(scope) = &platform.scope {
+        builder = builder.scope(scope.clone());
+    }
+    if let Some(auth) = platform.client_auth {
+        builder = builder.auth_method(auth);
+    }
+    let auth = AuthLayer::builder(builder.build()?).store(store).build();
+    let mut paging = platform.paging.clone();
+    if paging.url.starts_with('/') {
+        // The first token names the tenant, its configuration the API; the cache keeps the
+        // token for the first pages.
+        let token = auth.cache().token().await?;
+        let api = nice_cxone::tenant_api(&transport, &metadata, &token).await?;
+        paging.url = api.url(&paging.url);
+    }
+    let mut report = run_pages(config, auth, &paging, shard, None, &on_page).await?;
+    report.api = paging.url;
+    report.token_endpoint = metadata.token_endpoint;
     Ok(report)
 }
 
@@ -440,6 +531,17 @@ async fn run_pages(
         .max_retries(config.max_retries)
         .max_retry_after(config.max_retry_after)
         .build();
+    // Below the auth layer, so that a replay after a 401 counts against the limit as well.
+    let per_token_limit = match config.per_token_limit {
+        Some(0) => return Err("the per-token limit must be at least 1 request a minute".into()),
+        Some(per_minute) => Some(
+            ServiceBuilder::new()
+                .buffer(concurrency * 2)
+                .layer(genesys::rate_limit(per_minute))
+                .into_inner(),
+        ),
+        None => None,
+    };
     let rate_limit = match config.rate {
         Some(0) => return Err("the rate limit must be at least 1 request per second".into()),
         Some(rate) => Some(
@@ -455,6 +557,7 @@ async fn run_pages(
         .layer(RetryLayer::new(policy.clone()))
         .layer(auth.clone())
         .option_layer(rate_limit)
+        .option_layer(per_token_limit)
         // The two sides of `option_layer` must fail alike; `Buffer` fails with a `BoxError`.
         .map_err(BoxError::from)
         .concurrency_limit(concurrency)

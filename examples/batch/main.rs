@@ -10,8 +10,14 @@
 //!
 //! Against a real platform instead, set `API_URL`, `CLIENT_ID`, `CLIENT_SECRET` (environment
 //! only), optionally `SCOPE` and `CLIENT_AUTH=post`, and one of `TOKEN_URL`, `GENESYS_REGION` (a
-//! Genesys Cloud domain such as `mypurecloud.ie`) or `ISSUER` (OpenID discovery; NICE CXone's is
-//! `https://cxone.niceincontact.com`). Each also works as a flag. The job walks the pages until
+//! Genesys Cloud region such as `eu-west-1`, or its domain such as `mypurecloud.ie`), the
+//! `CXONE_ACCESS_KEY_ID` and `CXONE_ACCESS_KEY_SECRET` of a NICE CXone API user (the password
+//! grant through discovery at `ISSUER`, by default CXone's), or `ISSUER` alone (client
+//! credentials through discovery). Each also works as a flag, but for the secrets. With a Genesys
+//! region or a CXone access key, `API_URL` may be a path: Genesys's API host follows from the
+//! region, CXone's from the tenant the first token names, so a user never names their cluster.
+//! A Genesys run keeps under the per-token request limit (`--per-token-limit`, 300 a minute by
+//! default, shared out among the workers of a fleet). The job walks the pages until
 //! the answers mark the end: a preset (`--preset`, or found from the URL's path: Genesys users,
 //! the Genesys analytics details query, CXone agents) says how, and `--pagination`, `--method`,
 //! `--body`, `--page-field`, `--records-at`, `--page-count`, `--cursor` and `--pages` say it for
@@ -35,7 +41,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use tower::BoxError;
-use tower_auth_refresh::oauth2::{ClientAuth, Secret};
+use tower_auth_refresh::oauth2::{genesys, nice_cxone, ClientAuth, Secret};
 
 use job::paging::{Paging, Preset, Style};
 use job::{JobConfig, Page, Platform, Report, Shard, TokenEndpoint};
@@ -45,10 +51,17 @@ Without --api-url (API_URL), the job runs against an identity provider and a pag
 starts on 127.0.0.1, and needs no network.
 
 With it, the job runs against a real platform: CLIENT_ID and CLIENT_SECRET (the secret from the
-environment only), and one of TOKEN_URL, GENESYS_REGION or ISSUER. For example:
+environment only), and one of TOKEN_URL, GENESYS_REGION, a CXone access key or ISSUER. Genesys
+Cloud (the API host follows from the region; at most 300 requests a minute per token):
 
-  GENESYS_REGION=mypurecloud.ie CLIENT_ID=... CLIENT_SECRET=... \\
-  API_URL=https://api.mypurecloud.ie/api/v2/users cargo run --example batch
+  GENESYS_REGION=eu-west-1 CLIENT_ID=... CLIENT_SECRET=... \\
+  API_URL=/api/v2/users cargo run --example batch
+
+NICE CXone, a back-end application with an API user's access key (the API host follows from the
+tenant the token names):
+
+  CLIENT_ID=... CLIENT_SECRET=... CXONE_ACCESS_KEY_ID=... CXONE_ACCESS_KEY_SECRET=... \\
+  API_URL=/inContactAPI/services/v31.0/agents cargo run --example batch
 
 The URL's path picks a preset (Genesys users, .../conversations/details/query, CXone .../agents);
 --preset, --pagination, --method, --body, --page-field, --records-at, --page-count and --cursor
@@ -208,17 +221,35 @@ struct Args {
     #[arg(long, env = "TOKEN_URL", help_heading = "Real platform")]
     token_url: Option<String>,
 
-    /// A Genesys Cloud domain, such as mypurecloud.ie (when no token URL is given)
+    /// A Genesys Cloud region, such as eu-west-1, or its domain, such as mypurecloud.ie (when
+    /// no token URL is given); an API URL may then be a path, such as /api/v2/users
     #[arg(
         long,
         env = "GENESYS_REGION",
-        value_name = "DOMAIN",
+        value_name = "REGION",
         help_heading = "Real platform"
     )]
     genesys_region: Option<String>,
 
+    /// Requests a minute made with one token, at most [default: with GENESYS_REGION, Genesys
+    /// Cloud's per-token limit of 300, shared out among the --workers; else none] (0: none)
+    #[arg(long, value_name = "PER_MINUTE", help_heading = "Real platform")]
+    per_token_limit: Option<u64>,
+
+    /// A NICE CXone API user's access key id: the password grant with it and the access key
+    /// secret (CXONE_ACCESS_KEY_SECRET, environment only), through discovery at the issuer
+    /// [default issuer: https://cxone.niceincontact.com]; an API URL may then be a path, such
+    /// as /inContactAPI/services/v31.0/agents
+    #[arg(
+        long,
+        env = "CXONE_ACCESS_KEY_ID",
+        value_name = "ID",
+        help_heading = "Real platform"
+    )]
+    cxone_access_key_id: Option<String>,
+
     /// An OpenID provider whose token endpoint is discovered, such as
-    /// https://cxone.niceincontact.com (when neither of the above is given)
+    /// https://cxone.niceincontact.com (client credentials, unless a CXone access key is given)
     #[arg(long, env = "ISSUER", help_heading = "Real platform")]
     issuer: Option<String>,
 
@@ -279,12 +310,33 @@ impl Args {
             max_retries: self.max_retries,
             max_retry_after: Duration::from_secs_f64(self.max_retry_after),
             preset: self.preset.unwrap_or(Preset::GenesysUsers),
+            per_token_limit: self.per_token_limit(),
         };
         config.revoke_at = match &self.revoke_at {
             Some(pages) => pages.clone(),
             None => vec![config.pages() / 2],
         };
         config
+    }
+
+    /// Whether the job runs against Genesys Cloud, found by its region.
+    fn genesys(&self) -> bool {
+        self.api_url.is_some() && self.token_url.is_none() && self.genesys_region.is_some()
+    }
+
+    /// The per-token limit of this process: the one given, or Genesys Cloud's for a Genesys
+    /// run, shared out among the workers of a fleet (a worker is given its share).
+    fn per_token_limit(&self) -> Option<u64> {
+        let workers = self.workers.unwrap_or(1);
+        match self.per_token_limit {
+            Some(0) => None,
+            Some(limit) => {
+                let share = limit / u64::try_from(workers).unwrap_or(u64::MAX).max(1);
+                Some(share.max(1))
+            }
+            None if self.genesys() => Some(job::genesys_per_token_limit(workers)),
+            None => None,
+        }
     }
 
     fn platform(&self, api_url: &str) -> Result<Platform, BoxError> {
@@ -294,14 +346,54 @@ impl Args {
             .ok_or("CLIENT_ID (or --client-id) is not set")?;
         let client_secret =
             std::env::var("CLIENT_SECRET").map_err(|_| "CLIENT_SECRET is not set")?;
-        let token_endpoint = match (&self.token_url, &self.genesys_region, &self.issuer) {
-            (Some(url), _, _) => TokenEndpoint::Url(url.clone()),
-            (None, Some(domain), _) => TokenEndpoint::GenesysRegion(domain.clone()),
-            (None, None, Some(issuer)) => TokenEndpoint::Issuer(issuer.clone()),
-            (None, None, None) => return Err("set TOKEN_URL, GENESYS_REGION or ISSUER".into()),
+        let access_key = self.cxone_access_key_id.as_ref();
+        let token_endpoint = match (&self.token_url, &self.genesys_region, access_key) {
+            (Some(_), _, Some(_)) | (None, Some(_), Some(_)) => {
+                return Err(
+                    "a CXone access key goes with ISSUER (or none), not TOKEN_URL or \
+                     GENESYS_REGION"
+                        .into(),
+                )
+            }
+            (Some(url), _, None) => TokenEndpoint::Url(url.clone()),
+            (None, Some(region), None) => TokenEndpoint::GenesysRegion(genesys_domain(region)),
+            (None, None, Some(key_id)) => TokenEndpoint::CxoneAccessKey {
+                issuer: self
+                    .issuer
+                    .clone()
+                    .unwrap_or_else(|| nice_cxone::ISSUER.to_owned()),
+                key_id: key_id.clone(),
+                key_secret: Secret::new(
+                    std::env::var("CXONE_ACCESS_KEY_SECRET")
+                        .map_err(|_| "CXONE_ACCESS_KEY_SECRET is not set")?,
+                ),
+            },
+            (None, None, None) => match &self.issuer {
+                Some(issuer) => TokenEndpoint::Issuer(issuer.clone()),
+                None => {
+                    return Err("set TOKEN_URL, GENESYS_REGION, CXONE_ACCESS_KEY_ID (with \
+                         CXONE_ACCESS_KEY_SECRET) or ISSUER"
+                        .into())
+                }
+            },
+        };
+        // A path is on the Genesys region's API host; on CXone's, the job finds the tenant's.
+        let api_url = match &token_endpoint {
+            TokenEndpoint::GenesysRegion(domain) if api_url.starts_with('/') => {
+                genesys::Region::Domain(domain.clone()).api_base() + api_url
+            }
+            TokenEndpoint::CxoneAccessKey { .. } => api_url.to_owned(),
+            _ if api_url.starts_with('/') => {
+                return Err(format!(
+                    "API_URL {api_url} is a path: give the whole URL, or GENESYS_REGION or a \
+                     CXone access key, which say where the API is"
+                )
+                .into())
+            }
+            _ => api_url.to_owned(),
         };
         Ok(Platform {
-            paging: self.paging(api_url)?,
+            paging: self.paging(&api_url)?,
             token_endpoint,
             client_id,
             client_secret: Secret::new(client_secret),
@@ -368,6 +460,31 @@ impl Args {
     }
 }
 
+/// The domain of a Genesys Cloud region named as Genesys names it (`eu-west-1`); anything else is
+/// taken for a domain (`mypurecloud.ie`).
+fn genesys_domain(region: &str) -> String {
+    use genesys::Region;
+    let region = match region.trim().to_ascii_lowercase().as_str() {
+        "us-east-1" => Region::UsEast1,
+        "us-east-2" => Region::UsEast2,
+        "us-west-2" => Region::UsWest2,
+        "ca-central-1" => Region::CaCentral1,
+        "sa-east-1" => Region::SaEast1,
+        "eu-west-1" => Region::EuWest1,
+        "eu-west-2" => Region::EuWest2,
+        "eu-central-1" => Region::EuCentral1,
+        "eu-central-2" => Region::EuCentral2,
+        "me-central-1" => Region::MeCentral1,
+        "ap-south-1" => Region::ApSouth1,
+        "ap-northeast-1" => Region::ApNortheast1,
+        "ap-northeast-2" => Region::ApNortheast2,
+        "ap-northeast-3" => Region::ApNortheast3,
+        "ap-southeast-2" => Region::ApSoutheast2,
+        domain => Region::Domain(domain.to_owned()),
+    };
+    region.domain().to_owned()
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -420,8 +537,15 @@ async fn run(args: &Args) -> Result<Report, BoxError> {
         Some(api_url) => {
             let platform = args.platform(api_url)?;
             println!(
-                "{} {api_url}, {:?} pagination, {} workers",
-                platform.paging.method, platform.paging.style, config.concurrency
+                "{} {}, {:?} pagination, {} workers{}",
+                platform.paging.method,
+                platform.paging.url,
+                platform.paging.style,
+                config.concurrency,
+                match config.per_token_limit {
+                    Some(limit) => format!(", at most {limit} requests a minute per token"),
+                    None => String::new(),
+                }
             );
             let bar = progress_bar(platform.paging.max_pages);
             let report = job::run_platform(&config, &platform, |page| bar.on_page(page)).await;
