@@ -336,6 +336,7 @@ struct Counters {
     invalidations: AtomicU64,
     stale_rejections: AtomicU64,
     repeated_rejections: AtomicU64,
+    insufficient_scope: AtomicU64,
     replays: AtomicU64,
     not_replayed: [AtomicU64; 4],
 }
@@ -356,6 +357,10 @@ pub struct CacheStats {
     /// [rejection cooldown](TokenCacheBuilder::rejection_cooldown) before: the API refuses fresh
     /// tokens too, so the response went back unchanged, with no refresh and no replay.
     pub repeated_rejections: u64,
+    /// Rejections whose `WWW-Authenticate` said `error="insufficient_scope"`: the token is valid
+    /// but lacks a scope, so it was neither refreshed nor replayed (a new token would lack it
+    /// too); the response went back unchanged.
+    pub insufficient_scope: u64,
     /// Requests replayed with a new token after a 401.
     pub replays: u64,
     /// Requests whose 401 went back unchanged because they could not be replayed, by reason.
@@ -482,6 +487,7 @@ impl TokenCache {
             invalidations: c.invalidations.load(Ordering::Relaxed),
             stale_rejections: c.stale_rejections.load(Ordering::Relaxed),
             repeated_rejections: c.repeated_rejections.load(Ordering::Relaxed),
+            insufficient_scope: c.insufficient_scope.load(Ordering::Relaxed),
             replays: c.replays.load(Ordering::Relaxed),
             not_replayed: NotReplayedCounts {
                 too_large: c.not_replayed[0].load(Ordering::Relaxed),
@@ -679,6 +685,13 @@ impl TokenCache {
                 entry.replay_accepted.store(true, Ordering::Relaxed);
             }
         }
+    }
+
+    pub(crate) fn record_insufficient_scope(&self) {
+        self.shared
+            .counters
+            .insufficient_scope
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn record_not_replayed(&self, reason: NotReplayable) {

@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::cache::{Acquire, RefreshWait, Rejection};
+use crate::challenge;
 use crate::error::AuthError;
 use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::AuthSettings;
@@ -197,6 +198,17 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     if !(settings.rejected)(response.status(), response.headers()) {
+                        return Poll::Ready(Ok(response));
+                    }
+                    if challenge::bearer_error(response.headers()).as_deref()
+                        == Some("insufficient_scope")
+                    {
+                        // The token is fine but lacks a scope: a new one would lack it too.
+                        settings.cache.record_insufficient_scope();
+                        tracing::debug!(
+                            status = %response.status(),
+                            "token lacks the scope the API asks for; not refreshed, not replayed"
+                        );
                         return Poll::Ready(Ok(response));
                     }
                     if settings.cache.invalidate(*this.generation) == Rejection::Repeated {

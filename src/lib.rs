@@ -43,6 +43,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
+pub mod challenge;
 pub mod error;
 mod future;
 #[cfg(feature = "tonic")]

@@ -526,3 +526,33 @@ async fn a_401_during_a_background_backoff_refreshes_at_once() {
     assert_eq!(w.idp.token_requests(), 3);
     assert_eq!(layer.cache().stats().replays, 1);
 }
+
+/// `error="insufficient_scope"` is not an expiry: a new token would lack the scope too, so
+/// nothing is refreshed or replayed, and the 401 goes back unchanged (RFC 6750 section 3.1).
+#[tokio::test(start_paused = true)]
+async fn insufficient_scope_is_never_refreshed_nor_replayed() {
+    let _clock = manual_clock();
+    let w = world(Some(HOUR)).await;
+    let layer = AuthLayer::new(http_provider(&w.idp));
+    let service = service(&layer);
+    for _ in 0..10 {
+        let response = service
+            .clone()
+            .oneshot(get(&w.api, "/needs-scope"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            r#"Bearer error="insufficient_scope", scope="admin""#
+        );
+    }
+    assert_eq!(send(&service, &w.api).await.unwrap().1, "token-1");
+    assert_eq!(w.idp.token_requests(), 1);
+    let stats = layer.cache().stats();
+    assert_eq!(
+        (stats.insufficient_scope, stats.invalidations, stats.replays),
+        (10, 0, 0)
+    );
+    assert_eq!(w.api.requests(), 11);
+}

@@ -97,6 +97,8 @@ struct RateWindow {
 ///   headers) is read before the token is checked.
 /// - `POST /reject-early`: 401 at once, without reading the body.
 /// - `GET /always-401`: 401 whatever the token.
+/// - `GET /needs-scope`: 401 with `WWW-Authenticate: Bearer error="insufficient_scope"` for a
+///   valid token (a missing or expired one gets the usual `invalid_token` 401).
 /// - `GET /redirect?to=<url>`: 302 to `<url>`, whatever the token.
 /// - anything else: 200 with the accepted token as the body.
 ///
@@ -386,6 +388,16 @@ where
         }
         return response;
     };
+    if path == "/needs-scope" {
+        // A valid token that lacks the scope this resource wants (RFC 6750 section 3.1), sent
+        // as a 401 the way some APIs do.
+        let mut response = respond(StatusCode::UNAUTHORIZED, "insufficient scope");
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(r#"Bearer error="insufficient_scope", scope="admin""#),
+        );
+        return response;
+    }
     let token = token.to_owned();
     let throttled = state
         .throttle_next

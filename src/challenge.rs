@@ -1,0 +1,333 @@
+//! What a rejected response's `WWW-Authenticate` asks for (RFC 9110 section 11.6.1, RFC 6750
+//! section 3).
+//!
+//! A refusal says *why* it refused: an expired or revoked token (`error="invalid_token"`, or no
+//! error at all) is worth one refresh and one replay; `error="insufficient_scope"` is not, since a
+//! new token with the same scope is refused just the same, so the layer gives such a response back
+//! unchanged (counted in [`CacheStats::insufficient_scope`](crate::CacheStats::insufficient_scope)).
+//!
+//! The grammar is read in full: several challenges in one header value or in several headers,
+//! parameters whose values are tokens or quoted strings with `\` escapes, and `token68`
+//! credentials. Anything malformed ends the reading of that value; what was read before stays.
+//!
+//! ```
+//! use http::{HeaderMap, HeaderValue};
+//! use tower_auth_refresh::challenge::challenges;
+//!
+//! let mut headers = HeaderMap::new();
+//! headers.insert(
+//!     "www-authenticate",
+//!     HeaderValue::from_static(
+//!         r#"Basic realm="files", Bearer realm="api", error="insufficient_scope", scope="read write""#,
+//!     ),
+//! );
+//! let found = challenges(&headers);
+//! assert_eq!(found.len(), 2);
+//! assert!(found[1].is("bearer"));
+//! assert_eq!(found[1].param("error"), Some("insufficient_scope"));
+//! assert_eq!(found[1].param("SCOPE"), Some("read write"));
+//! ```
+
+use http::header::WWW_AUTHENTICATE;
+use http::HeaderMap;
+
+/// One challenge: an authentication scheme and its parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Challenge {
+    /// The scheme as sent (`Bearer`, `DPoP`, `Basic`, ...); compare with [`is`](Self::is).
+    pub scheme: String,
+    /// The parameters in order, names in lower case, quoted values unescaped.
+    pub params: Vec<(String, String)>,
+    /// A `token68` sent instead of parameters, if any.
+    pub token68: Option<String>,
+}
+
+impl Challenge {
+    /// Whether this challenge is for `scheme` (compared without regard to case).
+    pub fn is(&self, scheme: &str) -> bool {
+        self.scheme.eq_ignore_ascii_case(scheme)
+    }
+
+    /// The value of the first parameter called `name` (compared without regard to case).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(param, _)| param.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Every challenge of every `WWW-Authenticate` header, in order.
+pub fn challenges(headers: &HeaderMap) -> Vec<Challenge> {
+    let mut found = Vec::new();
+    for value in headers.get_all(WWW_AUTHENTICATE) {
+        Reader::new(value.as_bytes()).challenges(&mut found);
+    }
+    found
+}
+
+/// The `error` of the first `Bearer` challenge that carries one (RFC 6750 section 3.1).
+pub fn bearer_error(headers: &HeaderMap) -> Option<String> {
+    challenges(headers)
+        .into_iter()
+        .filter(|challenge| challenge.is("bearer"))
+        .find_map(|challenge| challenge.param("error").map(str::to_owned))
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, at: 0 }
+    }
+
+    fn challenges(&mut self, found: &mut Vec<Challenge>) {
+        loop {
+            self.skip(|b| b == b' ' || b == b'\t' || b == b',');
+            let Some(scheme) = self.token() else {
+                return; // the end, or something that is not a challenge
+            };
+            let mut challenge = Challenge {
+                scheme,
+                params: Vec::new(),
+                token68: None,
+            };
+            if self.skip(|b| b == b' ') > 0 {
+                let start = self.at;
+                match self.token68() {
+                    Some(token68) => challenge.token68 = Some(token68),
+                    None => {
+                        self.at = start;
+                        if !self.params(&mut challenge.params) {
+                            found.push(challenge);
+                            return;
+                        }
+                    }
+                }
+            }
+            found.push(challenge);
+        }
+    }
+
+    /// `#auth-param` after a scheme, up to the next challenge. `false` on malformed input.
+    fn params(&mut self, params: &mut Vec<(String, String)>) -> bool {
+        loop {
+            self.skip(|b| b == b' ' || b == b'\t' || b == b',');
+            let start = self.at;
+            let Some(name) = self.token() else {
+                return self.at_end();
+            };
+            self.skip(|b| b == b' ' || b == b'\t');
+            if !self.eat(b'=') {
+                // `name` is the scheme of the next challenge.
+                self.at = start;
+                return true;
+            }
+            self.skip(|b| b == b' ' || b == b'\t');
+            let value = if self.peek() == Some(b'"') {
+                self.quoted()
+            } else {
+                self.token()
+            };
+            let Some(value) = value else {
+                return false;
+            };
+            params.push((name.to_ascii_lowercase(), value));
+            self.skip(|b| b == b' ' || b == b'\t');
+            match self.peek() {
+                None => return true,
+                Some(b',') => continue,
+                Some(_) => return false,
+            }
+        }
+    }
+
+    /// A `token68` that stands alone: followed by the end or a comma.
+    fn token68(&mut self) -> Option<String> {
+        let start = self.at;
+        let body = self.skip(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
+        let pad = self.skip(|b| b == b'=');
+        if body == 0 && pad == 0 {
+            return None;
+        }
+        let end = self.at;
+        self.skip(|b| b == b' ' || b == b'\t');
+        match self.peek() {
+            None | Some(b',') => {
+                Some(String::from_utf8_lossy(&self.bytes[start..end]).into_owned())
+            }
+            Some(_) => None,
+        }
+    }
+
+    fn token(&mut self) -> Option<String> {
+        let start = self.at;
+        let len = self.skip(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        (len > 0).then(|| String::from_utf8_lossy(&self.bytes[start..self.at]).into_owned())
+    }
+
+    /// A quoted string, unescaped; `None` if it is not closed.
+    fn quoted(&mut self) -> Option<String> {
+        self.eat(b'"');
+        let mut value = Vec::new();
+        while let Some(byte) = self.peek() {
+            self.at += 1;
+            match byte {
+                b'"' => return Some(String::from_utf8_lossy(&value).into_owned()),
+                b'\\' => {
+                    let escaped = self.peek()?;
+                    self.at += 1;
+                    value.push(escaped);
+                }
+                other => value.push(other),
+            }
+        }
+        None
+    }
+
+    fn skip(&mut self, mut keep: impl FnMut(u8) -> bool) -> usize {
+        let start = self.at;
+        while self.peek().is_some_and(&mut keep) {
+            self.at += 1;
+        }
+        self.at - start
+    }
+
+    fn eat(&mut self, byte: u8) -> bool {
+        let found = self.peek() == Some(byte);
+        if found {
+            self.at += 1;
+        }
+        found
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn at_end(&self) -> bool {
+        self.at >= self.bytes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn read(value: &str) -> Vec<Challenge> {
+        let mut found = Vec::new();
+        Reader::new(value.as_bytes()).challenges(&mut found);
+        found
+    }
+
+    fn challenge(scheme: &str, params: &[(&str, &str)], token68: Option<&str>) -> Challenge {
+        Challenge {
+            scheme: scheme.to_owned(),
+            params: params
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+            token68: token68.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn the_rfc_examples_and_their_variants() {
+        assert_eq!(
+            read(
+                r#"Newauth realm="apps", type=1, title="Login to \"apps\"", Basic realm="simple""#
+            ),
+            vec![
+                challenge(
+                    "Newauth",
+                    &[
+                        ("realm", "apps"),
+                        ("type", "1"),
+                        ("title", r#"Login to "apps""#)
+                    ],
+                    None
+                ),
+                challenge("Basic", &[("realm", "simple")], None),
+            ]
+        );
+        assert_eq!(
+            read(r#"Bearer realm="example", error="invalid_token", error_description="The access token expired""#)[0]
+                .param("error"),
+            Some("invalid_token")
+        );
+        assert_eq!(
+            read("Negotiate abc+/def==, Bearer"),
+            vec![
+                challenge("Negotiate", &[], Some("abc+/def==")),
+                challenge("Bearer", &[], None)
+            ]
+        );
+        assert_eq!(
+            read("bearer  ERROR = insufficient_scope ,scope=\"a b\""),
+            vec![challenge(
+                "bearer",
+                &[("error", "insufficient_scope"), ("scope", "a b")],
+                None
+            )]
+        );
+        assert_eq!(read(""), vec![]);
+        assert_eq!(read(" , ,"), vec![]);
+        // Malformed: what was read before stays, the rest is dropped.
+        assert_eq!(
+            read(r#"Bearer error="unterminated"#),
+            vec![challenge("Bearer", &[], None)]
+        );
+    }
+
+    #[test]
+    fn several_headers_and_the_bearer_error() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static(r#"Basic realm="x""#),
+        );
+        headers.append(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static(
+                r#"Bearer error="insufficient_claims", claims="eyJhIjoxfQ==""#,
+            ),
+        );
+        assert_eq!(challenges(&headers).len(), 2);
+        assert_eq!(
+            bearer_error(&headers).as_deref(),
+            Some("insufficient_claims")
+        );
+        assert_eq!(bearer_error(&HeaderMap::new()), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_read_without_panicking(value in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let mut found = Vec::new();
+            Reader::new(&value).challenges(&mut found);
+        }
+
+        #[test]
+        fn written_challenges_read_back(
+            scheme in "[A-Za-z][A-Za-z0-9]{0,8}",
+            params in proptest::collection::vec(("[a-z][a-z_]{0,8}", "[ -~&&[^\"\\\\]]{0,16}"), 0..4),
+        ) {
+            let written = params
+                .iter()
+                .map(|(name, value)| format!("{name}=\"{value}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let header = if written.is_empty() { scheme.clone() } else { format!("{scheme} {written}") };
+            let read_back = read(&header);
+            proptest::prop_assert_eq!(read_back.len(), 1);
+            proptest::prop_assert_eq!(&read_back[0].scheme, &scheme);
+            let expected: Vec<(String, String)> = params.clone();
+            proptest::prop_assert_eq!(&read_back[0].params, &expected);
+        }
+    }
+}
