@@ -163,6 +163,29 @@ async fn a_401_on_the_replay_is_returned_unchanged() {
     assert_eq!((stats.replays, stats.repeated_rejections), (1, 1));
 }
 
+/// `insufficient_scope` is not an expiry, for reqwest too: no refresh, no replay.
+#[tokio::test]
+async fn insufficient_scope_is_never_refreshed_nor_replayed() {
+    let w = world(Some(HOUR)).await;
+    let middleware = AuthMiddleware::new(http_provider(&w.idp));
+    let cache = middleware.cache().clone();
+    let client = client(middleware);
+    for _ in 0..5 {
+        let (status, body) = get(&client, &w.api, "/needs-scope").await.unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::UNAUTHORIZED, "insufficient scope")
+        );
+    }
+    assert_eq!(w.api.requests(), 5);
+    assert_eq!(w.idp.token_requests(), 1);
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.insufficient_scope, stats.invalidations, stats.replays),
+        (5, 0, 0)
+    );
+}
+
 /// tests/refresh.rs `an_endpoint_that_refuses_every_token_costs_one_token_request_per_cooldown`
 /// for reqwest: an endpoint that refuses every token costs one token request per cooldown, and
 /// every other endpoint keeps working. The cooldown is long enough that the whole run fits in
