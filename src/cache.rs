@@ -136,6 +136,20 @@ struct RefreshState {
     rejected: Option<Token>,
 }
 
+impl RefreshState {
+    /// Clear the in-flight slot if it still holds the refresh of `generation`; whether it did.
+    fn end_in_flight(&mut self, generation: u64) -> bool {
+        let ours = self
+            .in_flight
+            .as_ref()
+            .is_some_and(|running| running.generation == generation);
+        if ours {
+            self.in_flight = None;
+        }
+        ours
+    }
+}
+
 type RefreshOutcome = Result<Arc<Entry>, AuthError>;
 type RefreshFuture = Shared<Pin<Box<dyn Future<Output = RefreshOutcome> + Send>>>;
 /// One timer for all the requests waiting on a refresh.
@@ -457,22 +471,39 @@ impl TokenCache {
     /// # }).unwrap();
     /// ```
     pub fn reject(&self, token: &Token) -> Rejection {
-        let generation = match self.shared.current.load().as_deref() {
-            Some(entry) if entry.token.secret() == token.secret() => entry.generation,
-            _ => return self.absorb_stale_rejection(0),
-        };
-        self.invalidate(generation)
+        self.reject_current_if(|entry| entry.token.secret() == token.secret())
     }
 
     /// [`reject`](Self::reject) for the header value a request carried (the credential the
     /// layer wrote), for middleware below the layer that sees a refusal the layer cannot.
     #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn reject_credential(&self, credential: &HeaderValue) -> Rejection {
+        self.reject_current_if(|entry| entry.header.as_bytes() == credential.as_bytes())
+    }
+
+    /// Invalidate the current token if `refused` says it is the one the API refused.
+    fn reject_current_if(&self, refused: impl Fn(&Entry) -> bool) -> Rejection {
         let generation = match self.shared.current.load().as_deref() {
-            Some(entry) if entry.header.as_bytes() == credential.as_bytes() => entry.generation,
+            Some(entry) if refused(entry) => entry.generation,
             _ => return self.absorb_stale_rejection(0),
         };
         self.invalidate(generation)
+    }
+
+    /// Whether a rejection's `WWW-Authenticate` says `error="insufficient_scope"`, counted if so.
+    /// The token is fine but lacks a scope, and a new one would lack it too: such a rejection is
+    /// neither refreshed nor replayed, whichever client met it.
+    pub(crate) fn refused_for_scope(&self, headers: &http::HeaderMap) -> bool {
+        let refused =
+            crate::challenge::bearer_error(headers).as_deref() == Some("insufficient_scope");
+        if refused {
+            self.shared
+                .counters
+                .insufficient_scope
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("token lacks the scope the API asks for; not refreshed, not replayed");
+        }
+        refused
     }
 
     /// What the cache has done so far, and the state of its current token: cheap enough to
@@ -687,13 +718,6 @@ impl TokenCache {
         }
     }
 
-    pub(crate) fn record_insufficient_scope(&self) {
-        self.shared
-            .counters
-            .insufficient_scope
-            .fetch_add(1, Ordering::Relaxed);
-    }
-
     pub(crate) fn record_not_replayed(&self, reason: NotReplayable) {
         let slot = match reason {
             NotReplayable::TooLarge => 0,
@@ -742,6 +766,7 @@ impl TokenCache {
             shared.store.refresh(request, shared.fetch.clone())
         }));
         let weak = Arc::downgrade(shared);
+        let cleanup = weak.clone();
         // The generation the new token will have; a failed attempt leaves a gap.
         let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(generation, "token refresh started");
@@ -754,7 +779,6 @@ impl TokenCache {
             };
             finish_refresh(weak, outcome, requested_at, generation, after_rejection)
         };
-        let cleanup = Arc::downgrade(shared);
         let refresh = AssertUnwindSafe(fetch_and_install)
             .catch_unwind()
             .map(move |outcome| match outcome {
@@ -826,12 +850,7 @@ impl CacheShared {
     /// Clear a refresh that panicked before it could finish, so the next request starts anew.
     fn abandon_refresh(&self, generation: u64) {
         let mut state = self.lock_state();
-        if state
-            .in_flight
-            .as_ref()
-            .is_some_and(|running| running.generation == generation)
-        {
-            state.in_flight = None;
+        if state.end_in_flight(generation) {
             state.retry_at = Instant::now().checked_add(self.config.backoff_initial);
             state.last_error = Some(AuthError::ProviderPanicked);
             self.counters
@@ -878,13 +897,7 @@ fn finish_refresh(
         .map(Arc::new);
 
     let mut state = shared.lock_state();
-    if state
-        .in_flight
-        .as_ref()
-        .is_some_and(|running| running.generation == generation)
-    {
-        state.in_flight = None;
-    }
+    state.end_in_flight(generation);
     match &result {
         Ok(entry) => {
             shared.current.store(Some(entry.clone()));

@@ -14,7 +14,6 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::cache::{Acquire, RefreshWait, Rejection};
-use crate::challenge;
 use crate::error::AuthError;
 use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::AuthSettings;
@@ -200,15 +199,7 @@ where
                     if !(settings.rejected)(response.status(), response.headers()) {
                         return Poll::Ready(Ok(response));
                     }
-                    if challenge::bearer_error(response.headers()).as_deref()
-                        == Some("insufficient_scope")
-                    {
-                        // The token is fine but lacks a scope: a new one would lack it too.
-                        settings.cache.record_insufficient_scope();
-                        tracing::debug!(
-                            status = %response.status(),
-                            "token lacks the scope the API asks for; not refreshed, not replayed"
-                        );
+                    if settings.cache.refused_for_scope(response.headers()) {
                         return Poll::Ready(Ok(response));
                     }
                     if settings.cache.invalidate(*this.generation) == Rejection::Repeated {
@@ -265,7 +256,6 @@ where
                     let request = replay.into_request(&settings.header_name, credential)?;
                     settings.cache.record_replay();
                     tracing::debug!("token rejected; replaying the request with a new token");
-                    let request: Request<ReplayBody<B>> = request;
                     let future = service.call(request.map(|body| this.inner_body.convert(body)));
                     this.state.set(State::Replay { future });
                 }

@@ -268,11 +268,7 @@ impl Middleware for AuthMiddleware {
         if !(settings.rejected)(response.status(), response.headers()) {
             return Ok(response);
         }
-        if crate::challenge::bearer_error(response.headers()).as_deref()
-            == Some("insufficient_scope")
-        {
-            // The token is fine but lacks a scope: a new one would lack it too.
-            settings.cache.record_insufficient_scope();
+        if settings.cache.refused_for_scope(response.headers()) {
             return Ok(response);
         }
         // Even a request that cannot be replayed reports the rejection, so the next request
