@@ -129,10 +129,13 @@ where
 /// assert!(!unauthenticated(StatusCode::OK, &headers));
 /// ```
 pub fn unauthenticated(status: StatusCode, headers: &HeaderMap) -> bool {
-    status == StatusCode::UNAUTHORIZED
-        || headers
-            .get("grpc-status")
-            .is_some_and(|code| code.as_bytes().trim_ascii() == UNAUTHENTICATED)
+    status == StatusCode::UNAUTHORIZED || says_unauthenticated(headers)
+}
+
+/// Whether headers or trailers carry `grpc-status: 16`.
+fn says_unauthenticated(map: &HeaderMap) -> bool {
+    map.get("grpc-status")
+        .is_some_and(|code| code.as_bytes().trim_ascii() == UNAUTHENTICATED)
 }
 
 /// Retires the token a response's *trailers* refuse (`grpc-status: 16` after some messages),
@@ -269,11 +272,7 @@ impl<B: Body> Body for WatchTrailers<B> {
         let this = self.project();
         let frame = ready!(this.body.poll_frame(cx));
         if let Some(Ok(frame)) = &frame {
-            let refused = frame.trailers_ref().is_some_and(|trailers| {
-                trailers
-                    .get("grpc-status")
-                    .is_some_and(|code| code.as_bytes().trim_ascii() == UNAUTHENTICATED)
-            });
+            let refused = frame.trailers_ref().is_some_and(says_unauthenticated);
             if refused {
                 if let Some((cache, credential)) = this.watch.take() {
                     let rejection = cache.reject_credential(&credential);
