@@ -117,6 +117,9 @@ pub enum AuthError {
     /// A refresh-token grant has no refresh token (none was given, or the last was rejected)
     /// and no fallback was configured.
     NoRefreshToken,
+    /// A DPoP proof could not be made (the key, or a request URI without scheme and authority).
+    #[cfg(feature = "dpop")]
+    Dpop(crate::dpop::DpopError),
 }
 
 /// An RFC 6749 (section 5.2) error response from a token endpoint.
@@ -434,6 +437,8 @@ impl fmt::Display for AuthError {
             AuthError::NoRefreshToken => f.write_str(
                 "no refresh token to use (none was given, or the last one was rejected) and no fallback is configured",
             ),
+            #[cfg(feature = "dpop")]
+            AuthError::Dpop(error) => fmt::Display::fmt(error, f),
         }
     }
 }
@@ -503,6 +508,8 @@ impl fmt::Debug for AuthError {
                 .field("reason", &Shown(displayable(reason, MAX_TEXT)))
                 .finish(),
             AuthError::NoRefreshToken => f.write_str("NoRefreshToken"),
+            #[cfg(feature = "dpop")]
+            AuthError::Dpop(error) => f.debug_tuple("Dpop").field(error).finish(),
         }
     }
 }

@@ -44,6 +44,8 @@
 
 pub mod cache;
 pub mod challenge;
+#[cfg(feature = "dpop")]
+pub mod dpop;
 pub mod error;
 mod future;
 #[cfg(feature = "tonic")]

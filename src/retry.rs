@@ -313,6 +313,8 @@ fn is_permanent(error: &AuthError) -> bool {
         | AuthError::InsecureUrl { .. }
         | AuthError::Discovery { .. }
         | AuthError::NoRefreshToken => true,
+        #[cfg(feature = "dpop")]
+        AuthError::Dpop(_) => true,
     }
 }
 
