@@ -229,6 +229,14 @@ struct DpopInner {
     /// `jti` = this random prefix and a counter: unique without a random draw per proof.
     jti_prefix: [u8; 12],
     proofs: AtomicU64,
+    nonce_replays: AtomicU64,
+}
+
+/// A proof the layer sent: the request's URI (whose origin a response's nonce belongs to) and
+/// the nonce the proof carried.
+pub(crate) struct Sent {
+    uri: Uri,
+    nonce: Option<Arc<str>>,
 }
 
 impl Dpop {
@@ -244,6 +252,7 @@ impl Dpop {
                 nonces: RwLock::new(HashMap::new()),
                 jti_prefix,
                 proofs: AtomicU64::new(0),
+                nonce_replays: AtomicU64::new(0),
             }),
         }
     }
@@ -272,11 +281,20 @@ impl Dpop {
         uri: &Uri,
         access_token: Option<&str>,
     ) -> Result<HeaderValue, DpopError> {
+        self.proof_with(method, uri, access_token, self.nonce(uri).as_deref())
+    }
+
+    fn proof_with(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        access_token: Option<&str>,
+        nonce: Option<&str>,
+    ) -> Result<HeaderValue, DpopError> {
         let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return Err(DpopError::RelativeUri);
         };
         let htu = format!("{scheme}://{authority}{}", uri.path());
-        let nonce = self.nonce(uri);
         let iat = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| since.as_secs());
@@ -294,7 +312,7 @@ impl Dpop {
             claims.insert("ath".into(), access_token_hash(token).into());
         }
         if let Some(nonce) = nonce {
-            claims.insert("nonce".into(), nonce.as_ref().into());
+            claims.insert("nonce".into(), nonce.into());
         }
         let payload = serde_json::Value::Object(claims).to_string();
 
@@ -308,6 +326,60 @@ impl Dpop {
         jws.push_str(&signature);
         // Base64url and dots only: always a valid header value.
         HeaderValue::try_from(jws).map_err(|_| DpopError::Signing)
+    }
+
+    /// Sign a proof for a request whose credential (`<scheme> <token>`) is already in
+    /// `headers[credential_header]` and add it as the `DPoP` header. Returns what the response
+    /// is checked against.
+    pub(crate) fn attach(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &mut HeaderMap,
+        credential_header: &HeaderName,
+    ) -> Result<Box<Sent>, DpopError> {
+        let token = headers
+            .get(credential_header)
+            .and_then(|credential| credential.to_str().ok())
+            .and_then(|credential| credential.split_once(' '))
+            .map(|(_scheme, token)| token);
+        let nonce = self.nonce(uri);
+        let proof = self.proof_with(method, uri, token, nonce.as_deref())?;
+        headers.insert(DPOP, proof);
+        Ok(Box::new(Sent {
+            uri: uri.clone(),
+            nonce,
+        }))
+    }
+
+    /// Learn the nonce of a response to `sent`, and say whether it refused the request for a
+    /// nonce the proof did not carry: then one replay with the new nonce is worth it.
+    pub(crate) fn wants_nonce_replay(
+        &self,
+        sent: &Sent,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> bool {
+        self.observe(&sent.uri, headers);
+        if !asks_for_nonce(status, headers) {
+            return false;
+        }
+        let current = self.nonce(&sent.uri);
+        let wanted = current.is_some() && current != sent.nonce;
+        if wanted {
+            self.inner.nonce_replays.fetch_add(1, Ordering::Relaxed);
+        }
+        wanted
+    }
+
+    /// Learn the nonce of a response to `sent`.
+    pub(crate) fn observe_response(&self, sent: &Sent, headers: &HeaderMap) {
+        self.observe(&sent.uri, headers);
+    }
+
+    /// How many requests were refused with `use_dpop_nonce` and replayed with the new nonce.
+    pub fn nonce_replays(&self) -> u64 {
+        self.inner.nonce_replays.load(Ordering::Relaxed)
     }
 
     /// The nonce `uri`'s origin asked for last, if any.
@@ -340,6 +412,7 @@ impl fmt::Debug for Dpop {
         f.debug_struct("Dpop")
             .field("key", &self.inner.key)
             .field("proofs", &self.proofs())
+            .field("nonce_replays", &self.nonce_replays())
             .finish_non_exhaustive()
     }
 }

@@ -17,6 +17,7 @@ use crate::cache::{Acquire, RefreshWait, Rejection};
 use crate::error::AuthError;
 use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::AuthSettings;
+use crate::proof::{self, Sent};
 use crate::replay::{NotReplayable, ReplayBody, ReplayRequest};
 
 pin_project! {
@@ -36,6 +37,8 @@ pin_project! {
         settings: Option<Arc<AuthSettings>>,
         // Turns the replay's `ReplayBody<B>` into the inner service's body type.
         inner_body: I,
+        // The DPoP proof of the current attempt, if the layer sends them.
+        dpop: Option<Box<Sent>>,
         _body: PhantomData<fn(B)>,
     }
 }
@@ -109,15 +112,18 @@ where
         generation: u64,
         settings: Arc<AuthSettings>,
         inner_body: I,
+        dpop: Option<Box<Sent>>,
     ) -> Self {
-        Self::new(
+        let mut future = Self::new(
             State::First { future },
             service,
             replay,
             generation,
             Some(settings),
             inner_body,
-        )
+        );
+        future.dpop = dpop;
+        future
     }
 
     pub(crate) fn waiting_for_token(
@@ -156,6 +162,7 @@ where
             generation,
             settings,
             inner_body,
+            dpop: None,
             _body: PhantomData,
         }
     }
@@ -187,6 +194,11 @@ where
                         .headers_mut()
                         .insert(settings.header_name.clone(), credential.header);
                     *this.generation = credential.generation;
+                    let (parts, body) = request.into_parts();
+                    let mut parts = parts;
+                    *this.dpop =
+                        proof::attach(settings, &parts.method, &parts.uri, &mut parts.headers)?;
+                    let request = Request::from_parts(parts, body);
                     // `poll_ready` was answered before `call`; the service is still reserved.
                     let future = service.call(request);
                     this.state.set(State::First { future });
@@ -196,15 +208,25 @@ where
                     let Some(settings) = this.settings.as_ref() else {
                         return Poll::Ready(Ok(response));
                     };
-                    if !(settings.rejected)(response.status(), response.headers()) {
-                        return Poll::Ready(Ok(response));
-                    }
-                    if settings.cache.refused_for_scope(response.headers()) {
-                        return Poll::Ready(Ok(response));
-                    }
-                    if settings.cache.invalidate(*this.generation) == Rejection::Repeated {
-                        // Not an expiry: a new token would be refused too.
-                        return Poll::Ready(Ok(response));
+                    // A DPoP server that wants a new nonce refused the proof, not the token:
+                    // replay with the same token.
+                    let for_nonce = proof::wants_nonce_replay(
+                        settings,
+                        this.dpop.as_deref(),
+                        response.status(),
+                        response.headers(),
+                    );
+                    if !for_nonce {
+                        if !(settings.rejected)(response.status(), response.headers()) {
+                            return Poll::Ready(Ok(response));
+                        }
+                        if settings.cache.refused_for_scope(response.headers()) {
+                            return Poll::Ready(Ok(response));
+                        }
+                        if settings.cache.invalidate(*this.generation) == Rejection::Repeated {
+                            // Not an expiry: a new token would be refused too.
+                            return Poll::Ready(Ok(response));
+                        }
                     }
                     let verdict = match this.replay.as_mut() {
                         Ok(replay) if this.service.is_some() => replay.freeze(),
@@ -254,6 +276,10 @@ where
                     // The body was frozen when the rejection arrived, and the head was
                     // captured from a valid request: restoring them does not fail.
                     let request = replay.into_request(&settings.header_name, credential)?;
+                    let (mut parts, body) = request.into_parts();
+                    *this.dpop =
+                        proof::attach(settings, &parts.method, &parts.uri, &mut parts.headers)?;
+                    let request = Request::from_parts(parts, body);
                     settings.cache.record_replay();
                     tracing::debug!("token rejected; replaying the request with a new token");
                     let future = service.call(request.map(|body| this.inner_body.convert(body)));
@@ -262,6 +288,7 @@ where
                 StateProj::Replay { future } => {
                     let response = ready!(future.poll(cx)).map_err(Into::into)?;
                     if let Some(settings) = this.settings.as_ref() {
+                        proof::observe(settings, this.dpop.as_deref(), response.headers());
                         if !(settings.rejected)(response.status(), response.headers()) {
                             settings.cache.replay_accepted(*this.generation);
                         }

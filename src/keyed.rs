@@ -496,6 +496,7 @@ impl<K: Hash + Eq + Clone> KeyedShared<K> {
         if let Some(options) = &self.cache_options {
             builder = options(&key, builder);
         }
+        let builder = self.options.configure_cache(builder);
         let settings = Arc::new(self.options.clone().into_settings(builder.build()));
         let sequence = *next_sequence;
         *next_sequence += 1;

@@ -76,6 +76,9 @@ pub(crate) struct AuthSettings {
     pub(crate) replay_if: Option<Arc<ReplayPredicate>>,
     pub(crate) existing: ExistingAuthorization,
     pub(crate) origins: Option<Vec<Origin>>,
+    /// Sender-constrained tokens: a proof per request, and the server nonces learned so far.
+    #[cfg(feature = "dpop")]
+    pub(crate) dpop: Option<crate::dpop::Dpop>,
 }
 
 impl AuthLayer<Unchanged> {
@@ -125,14 +128,16 @@ impl<I> fmt::Debug for AuthLayer<I> {
 
 impl fmt::Debug for AuthSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuthSettings")
-            .field("cache", &self.cache)
+        let mut f = f.debug_struct("AuthSettings");
+        f.field("cache", &self.cache)
             .field("header_name", &self.header_name)
             .field("max_replay_body", &self.max_replay_body)
             .field("replay_filtered", &self.replay_if.is_some())
             .field("existing", &self.existing)
-            .field("origins", &self.origins)
-            .finish_non_exhaustive()
+            .field("origins", &self.origins);
+        #[cfg(feature = "dpop")]
+        f.field("dpop", &self.dpop);
+        f.finish_non_exhaustive()
     }
 }
 
@@ -172,9 +177,20 @@ pub(crate) struct LayerOptions {
     replay_if: Option<Arc<ReplayPredicate>>,
     existing: ExistingAuthorization,
     origins: Option<Vec<Origin>>,
+    #[cfg(feature = "dpop")]
+    dpop: Option<crate::dpop::Dpop>,
 }
 
 impl LayerOptions {
+    /// What these options require of a cache the layer builds: the `DPoP` scheme with DPoP.
+    pub(crate) fn configure_cache(&self, cache: TokenCacheBuilder) -> TokenCacheBuilder {
+        #[cfg(feature = "dpop")]
+        if self.dpop.is_some() {
+            return cache.scheme("DPoP");
+        }
+        cache
+    }
+
     pub(crate) fn into_settings(self, cache: TokenCache) -> AuthSettings {
         AuthSettings {
             cache,
@@ -184,6 +200,8 @@ impl LayerOptions {
             replay_if: self.replay_if,
             existing: self.existing,
             origins: self.origins,
+            #[cfg(feature = "dpop")]
+            dpop: self.dpop,
         }
     }
 }
@@ -200,6 +218,8 @@ impl<C> AuthLayerBuilder<C> {
                 replay_if: None,
                 existing: ExistingAuthorization::Keep,
                 origins: None,
+                #[cfg(feature = "dpop")]
+                dpop: None,
             },
         }
     }
@@ -277,6 +297,35 @@ impl<C, I> AuthLayerBuilder<C, I> {
         self
     }
 
+    /// Send DPoP-bound tokens (RFC 9449): `Authorization: DPoP <token>` and a `DPoP` proof
+    /// signed by `dpop`'s key on every request, the replay included. A `401` with
+    /// `WWW-Authenticate: DPoP error="use_dpop_nonce"` and a `DPoP-Nonce` the request's proof did
+    /// not carry is replayed once with that nonce and the same token; every response's
+    /// `DPoP-Nonce` is remembered for its origin. Share `dpop` with the token source (its `dpop`
+    /// option), so that one key signs the token requests and the API requests.
+    ///
+    /// A cache this builder creates uses the `DPoP` scheme; an existing cache
+    /// ([`AuthLayer::builder_with_cache`]) must be built with
+    /// [`scheme("DPoP")`](TokenCacheBuilder::scheme). Requests need an absolute URI (the proof
+    /// names it); one without is refused with [`AuthError::Dpop`](crate::AuthError::Dpop).
+    /// Default: off, bearer tokens.
+    ///
+    /// ```
+    /// use tower_auth_refresh::dpop::Dpop;
+    /// use tower_auth_refresh::{AuthLayer, StaticToken, Token};
+    ///
+    /// let dpop = Dpop::generate().unwrap();
+    /// let layer = AuthLayer::builder(StaticToken::new(Token::new("bound-token")))
+    ///     .dpop(dpop.clone())
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, dpop: crate::dpop::Dpop) -> Self {
+        self.options.dpop = Some(dpop);
+        self
+    }
+
     /// What the builder holds, for builders of other layers over the same options.
     pub(crate) fn into_parts(self) -> (C, I, LayerOptions) {
         (self.cache, self.inner_body, self.options)
@@ -341,7 +390,8 @@ impl<I> AuthLayerBuilder<TokenCacheBuilder, I> {
 
     /// Build the layer and its new cache.
     pub fn build(self) -> AuthLayer<I> {
-        self.finish(TokenCacheBuilder::build)
+        let cache = self.options.configure_cache(self.cache);
+        AuthLayerBuilder { cache, ..self }.finish(TokenCacheBuilder::build)
     }
 }
 

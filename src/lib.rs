@@ -58,6 +58,7 @@ pub mod layer;
 pub mod oauth2;
 mod origin;
 pub mod predicate;
+mod proof;
 pub mod provider;
 #[cfg(feature = "redis")]
 pub mod redis_store;

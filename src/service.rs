@@ -16,6 +16,7 @@ use crate::future::ResponseFuture;
 use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::{AuthSettings, ExistingAuthorization};
 use crate::origin::Origin;
+use crate::proof;
 use crate::replay::{NotReplayable, ReplayBody, ReplayRequest};
 
 /// The service an [`AuthLayer`](crate::AuthLayer) builds. See the layer for the behaviour.
@@ -125,6 +126,15 @@ where
             },
         };
 
+        // A DPoP proof signs the request as it goes out, credential included.
+        let dpop = match &acquired {
+            Ok(_) => match proof::attach(settings, &parts.method, &parts.uri, &mut parts.headers) {
+                Ok(sent) => sent,
+                Err(error) => return ResponseFuture::failed(error, self.inner_body.clone()),
+            },
+            Err(_) => None,
+        };
+
         // Recorded even when `replay_when` refuses the 401 replay: a retry layer below sends
         // the body again through the same recording. A `Full` body costs one `Bytes` clone.
         let body = ReplayBody::for_request(&parts.headers, body, settings.max_replay_body);
@@ -155,6 +165,7 @@ where
                     generation,
                     self.settings.clone(),
                     self.inner_body.clone(),
+                    dpop,
                 )
             }
             Err(wait) => ResponseFuture::waiting_for_token(

@@ -1,0 +1,58 @@
+//! What [`AuthService`](crate::AuthService) does for DPoP, in one place, compiled to nothing
+//! without the `dpop` feature (the service and its future call the same functions either way).
+
+use http::{HeaderMap, Method, StatusCode, Uri};
+
+use crate::error::AuthError;
+use crate::layer::AuthSettings;
+
+#[cfg(feature = "dpop")]
+pub(crate) use crate::dpop::Sent;
+
+/// Without the feature no proof is ever sent.
+#[cfg(not(feature = "dpop"))]
+pub(crate) enum Sent {}
+
+/// Sign the request, whose credential is already in its headers, if the layer sends DPoP
+/// tokens. `None` when it does not.
+pub(crate) fn attach(
+    settings: &AuthSettings,
+    method: &Method,
+    uri: &Uri,
+    headers: &mut HeaderMap,
+) -> Result<Option<Box<Sent>>, AuthError> {
+    #[cfg(feature = "dpop")]
+    if let Some(dpop) = &settings.dpop {
+        return dpop
+            .attach(method, uri, headers, &settings.header_name)
+            .map(Some)
+            .map_err(AuthError::Dpop);
+    }
+    let _ = (settings, method, uri, headers);
+    Ok(None)
+}
+
+/// Learn the response's nonce; whether the request was refused for want of a nonce its proof
+/// did not carry (then it is replayed once, with the same token).
+pub(crate) fn wants_nonce_replay(
+    settings: &AuthSettings,
+    sent: Option<&Sent>,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> bool {
+    #[cfg(feature = "dpop")]
+    if let (Some(dpop), Some(sent)) = (&settings.dpop, sent) {
+        return dpop.wants_nonce_replay(sent, status, headers);
+    }
+    let _ = (settings, sent, status, headers);
+    false
+}
+
+/// Learn the response's nonce.
+pub(crate) fn observe(settings: &AuthSettings, sent: Option<&Sent>, headers: &HeaderMap) {
+    #[cfg(feature = "dpop")]
+    if let (Some(dpop), Some(sent)) = (&settings.dpop, sent) {
+        dpop.observe_response(sent, headers);
+    }
+    let _ = (settings, sent, headers);
+}

@@ -1,0 +1,326 @@
+//! `AuthLayer` in DPoP mode against a resource server on loopback that checks every proof the
+//! way RFC 9449 section 7 says (signature with the embedded key, `htm`, `htu`, `ath`, a fresh
+//! `jti`, the key's thumbprint, and its own nonce), driven by a real hyper-util client.
+//!
+//! The end-to-end run against the certified oidc-provider is in `tests/dpop.rs`.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::future::join_all;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
+use tokio::net::TcpListener;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_auth_refresh::dpop::{access_token_hash, Dpop, DPOP, DPOP_NONCE};
+use tower_auth_refresh::{AuthError, AuthLayer, StaticToken, Token};
+
+const TOKEN: &str = "bound-token-1";
+
+/// What the server saw.
+#[derive(Default)]
+struct Seen {
+    requests: AtomicUsize,
+    accepted: AtomicUsize,
+    nonce_refusals: AtomicUsize,
+    bad_proofs: AtomicUsize,
+    jtis: Mutex<HashSet<String>>,
+    /// The nonce every proof must carry; rotated by the test.
+    nonce: Mutex<String>,
+    /// The thumbprint the token is bound to.
+    jkt: Mutex<String>,
+    /// Keep the nonce to itself (no `DPoP-Nonce` header).
+    silent: std::sync::atomic::AtomicBool,
+}
+
+fn decode(segment: &str) -> Option<serde_json::Value> {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(segment).ok()?).ok()
+}
+
+/// RFC 9449 section 4.3, in short. `Err` says what is wrong.
+fn check_proof(seen: &Seen, request: &Request<Bytes>, origin: &str) -> Result<(), &'static str> {
+    let credential = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no authorization")?;
+    let token = credential
+        .strip_prefix("DPoP ")
+        .ok_or("not the DPoP scheme")?;
+    if token != TOKEN {
+        return Err("unknown token");
+    }
+    let proof = request
+        .headers()
+        .get(DPOP)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no proof")?;
+    let segments: Vec<&str> = proof.split('.').collect();
+    let [head, claims, signature] = segments[..] else {
+        return Err("not a compact JWS");
+    };
+    let head = decode(head).ok_or("bad header")?;
+    let claims = decode(claims).ok_or("bad claims")?;
+    if head["typ"] != "dpop+jwt" || head["alg"] != "ES256" {
+        return Err("typ or alg");
+    }
+    let jwk = &head["jwk"];
+    let coordinate = |name: &str| {
+        jwk[name]
+            .as_str()
+            .and_then(|text| URL_SAFE_NO_PAD.decode(text).ok())
+            .ok_or("jwk")
+    };
+    let point = [vec![4u8], coordinate("x")?, coordinate("y")?].concat();
+    let signed = &proof[..proof.rfind('.').ok_or("jws")?];
+    let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| "signature")?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+        .verify(signed.as_bytes(), &signature)
+        .map_err(|_| "signature does not verify")?;
+    let thumbprint_input = format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+        jwk["x"].as_str().unwrap_or_default(),
+        jwk["y"].as_str().unwrap_or_default()
+    );
+    let thumbprint = URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        thumbprint_input.as_bytes(),
+    ));
+    if thumbprint != *seen.jkt.lock().unwrap() {
+        return Err("proof from another key");
+    }
+    if claims["htm"] != request.method().as_str() {
+        return Err("htm");
+    }
+    if claims["htu"] != format!("{origin}{}", request.uri().path()) {
+        return Err("htu");
+    }
+    if claims["ath"] != access_token_hash(token) {
+        return Err("ath");
+    }
+    let jti = claims["jti"].as_str().ok_or("jti")?.to_owned();
+    if !seen.jtis.lock().unwrap().insert(jti) {
+        return Err("replayed jti");
+    }
+    Ok(())
+}
+
+/// A resource server: every proof checked, then its nonce.
+async fn resource_server(seen: Arc<Seen>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let base = origin.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            let origin = base.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        let origin = origin.clone();
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body.collect().await.unwrap().to_bytes();
+                            let request = Request::from_parts(parts, body);
+                            seen.requests.fetch_add(1, Ordering::SeqCst);
+                            let nonce = seen.nonce.lock().unwrap().clone();
+                            let mut response = Response::new(Full::new(request.body().clone()));
+                            if !seen.silent.load(Ordering::SeqCst) {
+                                response
+                                    .headers_mut()
+                                    .insert(DPOP_NONCE, HeaderValue::from_str(&nonce).unwrap());
+                            }
+                            if let Err(why) = check_proof(&seen, &request, &origin) {
+                                seen.bad_proofs.fetch_add(1, Ordering::SeqCst);
+                                *response.status_mut() = StatusCode::UNAUTHORIZED;
+                                *response.body_mut() = Full::new(Bytes::from(why));
+                                response.headers_mut().insert(
+                                    header::WWW_AUTHENTICATE,
+                                    HeaderValue::from_static(r#"DPoP error="invalid_dpop_proof""#),
+                                );
+                                return Ok::<_, Infallible>(response);
+                            }
+                            let proof = request.headers()[DPOP].to_str().unwrap().to_owned();
+                            let claims = decode(proof.split('.').nth(1).unwrap()).unwrap();
+                            if claims["nonce"] != nonce.as_str() {
+                                seen.nonce_refusals.fetch_add(1, Ordering::SeqCst);
+                                *response.status_mut() = StatusCode::UNAUTHORIZED;
+                                response.headers_mut().insert(
+                                    header::WWW_AUTHENTICATE,
+                                    HeaderValue::from_static(
+                                        r#"DPoP error="use_dpop_nonce", error_description="nonce""#,
+                                    ),
+                                );
+                                return Ok(response);
+                            }
+                            seen.accepted.fetch_add(1, Ordering::SeqCst);
+                            Ok(response)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    origin
+}
+
+type HttpClient = Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    tower_auth_refresh::ReplayBody<Full<Bytes>>,
+>;
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn world() -> (Arc<Seen>, String, Dpop, AuthLayer) {
+    let dpop = Dpop::generate().unwrap();
+    let seen = Arc::new(Seen::default());
+    *seen.nonce.lock().unwrap() = "nonce-1".to_owned();
+    *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+    let origin = resource_server(seen.clone()).await;
+    let layer = AuthLayer::builder(StaticToken::new(Token::new(TOKEN)))
+        .dpop(dpop.clone())
+        .build();
+    (seen, origin, dpop, layer)
+}
+
+#[tokio::test]
+async fn the_first_request_learns_the_nonce_with_one_replay_and_the_rest_carry_it() {
+    let (seen, origin, dpop, layer) = world().await;
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(http_client());
+
+    // 20 at once: none knows the nonce yet, so each is refused once and replayed once.
+    let calls = (0..20).map(|i| {
+        let request = Request::post(format!("{origin}/contacts?page={i}"))
+            .body(Full::new(Bytes::from(format!("body-{i}"))))
+            .unwrap();
+        service.clone().oneshot(request)
+    });
+    for (i, response) in join_all(calls).await.into_iter().enumerate() {
+        let response = response.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, format!("body-{i}"), "the replayed body is intact");
+    }
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 40);
+    assert_eq!(seen.nonce_refusals.load(Ordering::SeqCst), 20);
+    assert_eq!(seen.bad_proofs.load(Ordering::SeqCst), 0);
+    assert_eq!(dpop.nonce_replays(), 20);
+    let stats = layer.cache().stats();
+    assert_eq!(stats.token_requests, 1, "a nonce costs no token");
+    assert_eq!(stats.invalidations, 0);
+
+    // Now the nonce is known: 30 more go through at the first attempt.
+    for i in 0..30 {
+        let request = Request::get(format!("{origin}/contacts?page={i}"))
+            .body(Full::default())
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 70);
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 50);
+    assert_eq!(dpop.nonce_replays(), 20);
+
+    // The server rotates its nonce and says so on a 200: the next request uses the new one.
+    *seen.nonce.lock().unwrap() = "nonce-2".to_owned();
+    let get = || {
+        Request::get(format!("{origin}/contacts"))
+            .body(Full::default())
+            .unwrap()
+    };
+    let response = service.clone().oneshot(get()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "refused, then replayed");
+    assert_eq!(dpop.nonce_replays(), 21);
+    let response = service.clone().oneshot(get()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(dpop.nonce_replays(), 21, "learned from the last response");
+    assert_eq!(seen.bad_proofs.load(Ordering::SeqCst), 0);
+    assert_eq!(layer.cache().stats().token_requests, 1);
+}
+
+#[tokio::test]
+async fn a_nonce_refusal_without_a_new_nonce_is_not_replayed() {
+    let (seen, origin, dpop, layer) = world().await;
+    let mut service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(http_client());
+    let get = || {
+        Request::get(format!("{origin}/contacts"))
+            .body(Full::default())
+            .unwrap()
+    };
+    // Learn nonce-1.
+    let response = service.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // The server wants another nonce but does not say which: nothing new to replay with, so
+    // the 401 is taken as a token rejection (one refresh, one replay) and then returned.
+    seen.silent.store(true, Ordering::SeqCst);
+    *seen.nonce.lock().unwrap() = "nonce-2".to_owned();
+    let before = seen.requests.load(Ordering::SeqCst);
+    let response = service.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(seen.requests.load(Ordering::SeqCst) - before, 2);
+    assert_eq!(dpop.nonce_replays(), 1, "only the first request's");
+    assert_eq!(layer.cache().stats().invalidations, 1);
+}
+
+#[tokio::test]
+async fn a_relative_uri_is_a_typed_error_and_nothing_is_sent() {
+    let (seen, _origin, _dpop, layer) = world().await;
+    let service = ServiceBuilder::new().layer(layer).service(http_client());
+    let request = Request::get("/contacts").body(Full::default()).unwrap();
+    let error = service.oneshot(request).await.unwrap_err();
+    assert!(
+        matches!(error.downcast_ref::<AuthError>(), Some(AuthError::Dpop(_))),
+        "{error:?}"
+    );
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_request_that_waits_for_its_token_is_signed_too() {
+    let dpop = Dpop::generate().unwrap();
+    let seen = Arc::new(Seen::default());
+    *seen.nonce.lock().unwrap() = "n".to_owned();
+    *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+    let origin = resource_server(seen.clone()).await;
+    // A provider that takes a moment, so the first requests wait for the token.
+    let layer = AuthLayer::builder(tower_auth_refresh::provider_fn(|| async {
+        tokio::task::yield_now().await;
+        Ok::<_, Infallible>(Token::new(TOKEN))
+    }))
+    .dpop(dpop.clone())
+    .build();
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(http_client());
+    let calls = (0..5).map(|_| {
+        service.clone().oneshot(
+            Request::get(format!("{origin}/contacts"))
+                .body(Full::default())
+                .unwrap(),
+        )
+    });
+    for response in join_all(calls).await {
+        assert_eq!(response.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(seen.bad_proofs.load(Ordering::SeqCst), 0);
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 5);
+    assert_eq!(layer.cache().stats().token_requests, 1);
+}
