@@ -1,10 +1,18 @@
 //! What a rejected response's `WWW-Authenticate` asks for (RFC 9110 section 11.6.1, RFC 6750
 //! section 3).
 //!
-//! A refusal says *why* it refused: an expired or revoked token (`error="invalid_token"`, or no
-//! error at all) is worth one refresh and one replay; `error="insufficient_scope"` is not, since a
-//! new token with the same scope is refused just the same, so the layer gives such a response back
-//! unchanged (counted in [`CacheStats::insufficient_scope`](crate::CacheStats::insufficient_scope)).
+//! A refusal says *why* it refused, and the layer acts on it, at most once per request:
+//! - an expired or revoked token (`error="invalid_token"`, or no error at all) is worth one
+//!   refresh and one replay;
+//! - `error="insufficient_scope"` is not worth a blind refresh, since a new token with the same
+//!   scope is refused just the same: the response goes back unchanged (counted in
+//!   [`CacheStats::insufficient_scope`](crate::CacheStats::insufficient_scope)), unless a step-up
+//!   hook ([`AuthLayerBuilder::step_up`](crate::AuthLayerBuilder::step_up)) asks for a token with
+//!   the challenged scope, which is then fetched and the request replayed once;
+//! - `error="insufficient_claims"` with `claims=` (base64 JSON, as Microsoft Entra's continuous
+//!   access evaluation sends) refreshes with those claims
+//!   ([`TokenRequest::claims`](crate::TokenRequest::claims)) and replays once (counted in
+//!   [`CacheStats::claims_refreshes`](crate::CacheStats::claims_refreshes)).
 //!
 //! The grammar is read in full: several challenges in one header value or in several headers,
 //! parameters whose values are tokens or quoted strings with `\` escapes, and `token68`
@@ -30,6 +38,12 @@
 
 use http::header::WWW_AUTHENTICATE;
 use http::HeaderMap;
+
+use crate::provider::TokenRequest;
+
+/// A step-up hook: from the scope an `insufficient_scope` challenge names, the token to ask
+/// for, or `None` to give the response back unchanged.
+pub(crate) type StepUp = dyn Fn(&str) -> Option<TokenRequest> + Send + Sync;
 
 /// One challenge: an authentication scheme and its parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +87,85 @@ pub fn bearer_error(headers: &HeaderMap) -> Option<String> {
         .into_iter()
         .filter(|challenge| challenge.is("bearer"))
         .find_map(|challenge| challenge.param("error").map(str::to_owned))
+}
+
+/// What a rejected response asks for, read once from its challenges (the first `Bearer`
+/// challenge that carries an `error`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Demand {
+    /// A new token: `invalid_token`, no error, an error this crate does not act on, or claims
+    /// that cannot be read.
+    Refresh,
+    /// `insufficient_scope`, with the challenge's `scope` (empty if it named none).
+    Scope(String),
+    /// `insufficient_claims`, with its `claims` decoded to JSON text.
+    Claims(String),
+}
+
+impl Demand {
+    /// Read what `headers` ask for. Only called for a rejected response.
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let challenge = challenges(headers)
+            .into_iter()
+            .find(|challenge| challenge.is("bearer") && challenge.param("error").is_some());
+        let Some(challenge) = challenge else {
+            return Self::Refresh;
+        };
+        match challenge.param("error") {
+            Some("insufficient_scope") => {
+                Self::Scope(challenge.param("scope").unwrap_or_default().to_owned())
+            }
+            Some("insufficient_claims") => {
+                let claims = challenge
+                    .param("claims")
+                    .and_then(decode_base64)
+                    .and_then(|bytes| String::from_utf8(bytes).ok());
+                match claims {
+                    Some(claims) => Self::Claims(claims),
+                    None => {
+                        // The value is not logged: it is the API's, and may be long.
+                        tracing::debug!(
+                            "insufficient_claims challenge without readable claims \
+                             (missing, not base64 or not UTF-8); refreshing without them"
+                        );
+                        Self::Refresh
+                    }
+                }
+            }
+            _ => Self::Refresh,
+        }
+    }
+}
+
+/// Decode base64 in either alphabet (standard `+/` or URL-safe `-_`), with or without `=`
+/// padding. `None` on any other input. APIs send claims in either form, and JWT segments are
+/// URL-safe without padding.
+pub(crate) fn decode_base64(input: &str) -> Option<Vec<u8>> {
+    let input = input.trim_end_matches('=');
+    if input.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(input.len() * 3 / 4);
+    let mut buffer = 0u32;
+    let mut bits = 0;
+    for byte in input.bytes() {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        };
+        buffer = buffer << 6 | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+            buffer &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 struct Reader<'a> {
