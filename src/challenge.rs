@@ -398,6 +398,90 @@ mod tests {
         assert_eq!(bearer_error(&HeaderMap::new()), None);
     }
 
+    fn demand(values: &[&'static str]) -> Demand {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(WWW_AUTHENTICATE, HeaderValue::from_static(value));
+        }
+        Demand::of(&headers)
+    }
+
+    /// Entra's CAE shape, and its standard base64 (padded).
+    const CLAIMS_BASE64: &str =
+        "eyJhY2Nlc3NfdG9rZW4iOnsibmJmIjp7ImVzc2VudGlhbCI6dHJ1ZSwidmFsdWUiOiIxNzAwMDAwMDAwIn19fQ==";
+    const CLAIMS: &str = r#"{"access_token":{"nbf":{"essential":true,"value":"1700000000"}}}"#;
+
+    #[test]
+    fn the_demand_of_a_rejection() {
+        assert_eq!(demand(&[]), Demand::Refresh);
+        assert_eq!(demand(&["Bearer"]), Demand::Refresh);
+        assert_eq!(
+            demand(&[r#"Bearer error="invalid_token""#]),
+            Demand::Refresh
+        );
+        // Several challenges in one header: the Bearer one that carries an error decides.
+        assert_eq!(
+            demand(&[
+                r#"Basic realm="x", Bearer realm="api", error="insufficient_scope", scope="admin read""#
+            ]),
+            Demand::Scope("admin read".to_owned())
+        );
+        assert_eq!(
+            demand(&[r#"Bearer error="insufficient_scope""#]),
+            Demand::Scope(String::new())
+        );
+        // Several headers; an error in another scheme's challenge is not ours.
+        assert_eq!(
+            demand(&[
+                r#"DPoP error="insufficient_scope", scope="x""#,
+                r#"Bearer realm="api""#,
+                r#"Bearer error="insufficient_claims", claims="eyJhIjoxfQ==""#,
+            ]),
+            Demand::Claims(r#"{"a":1}"#.to_owned())
+        );
+    }
+
+    #[test]
+    fn claims_in_either_base64_alphabet_with_or_without_padding() {
+        let unpadded = CLAIMS_BASE64.trim_end_matches('=');
+        for encoded in [CLAIMS_BASE64, unpadded] {
+            let header = format!(r#"Bearer error="insufficient_claims", claims="{encoded}""#);
+            let mut headers = HeaderMap::new();
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_str(&header).unwrap());
+            assert_eq!(
+                Demand::of(&headers),
+                Demand::Claims(CLAIMS.to_owned()),
+                "{encoded}"
+            );
+        }
+        // JSON whose base64 needs the alphabets' last letters: `+/` or `-_`.
+        for encoded in ["eyJ4Ijoifn5+PyJ9", "eyJ4Ijoifn5-PyJ9"] {
+            let header = format!(r#"Bearer error="insufficient_claims", claims="{encoded}""#);
+            let mut headers = HeaderMap::new();
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_str(&header).unwrap());
+            assert_eq!(
+                Demand::of(&headers),
+                Demand::Claims(r#"{"x":"~~~?"}"#.to_owned())
+            );
+        }
+        // Bytes that need both alphabets' last two letters: `+/` and `-_` read the same.
+        assert_eq!(decode_base64("+/+/"), Some(vec![0xfb, 0xff, 0xbf]));
+        assert_eq!(decode_base64("-_-_"), Some(vec![0xfb, 0xff, 0xbf]));
+    }
+
+    #[test]
+    fn garbage_claims_are_a_plain_refresh() {
+        for garbage in [
+            r#"Bearer error="insufficient_claims""#,
+            r#"Bearer error="insufficient_claims", claims="not base64!""#,
+            r#"Bearer error="insufficient_claims", claims="a""#,
+            // Valid base64 of bytes that are not UTF-8.
+            r#"Bearer error="insufficient_claims", claims="//79""#,
+        ] {
+            assert_eq!(demand(&[garbage]), Demand::Refresh, "{garbage}");
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn any_bytes_are_read_without_panicking(value in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
