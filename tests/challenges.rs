@@ -396,3 +396,25 @@ async fn a_refused_step_up_costs_one_token_request_per_cooldown() {
     );
     assert_eq!(w.api.requests(), 4);
 }
+
+/// Every decision is in the debug events; the claims and the tokens never are.
+#[tokio::test]
+async fn decisions_are_traced_without_the_claims() {
+    let (captured, _guard) = support::capture_traces();
+    let w = world().await;
+    let layer = AuthLayer::builder(http_provider(&w.idp))
+        .step_up_to_challenged_scope()
+        .build();
+    let service = service(&layer);
+    for path in ["/needs-claims", "/needs-scope"] {
+        let answers = burst(&service, &w.api, path, 1).await;
+        assert_eq!(answers[0].0, StatusCode::OK, "{path}");
+    }
+    let text = captured.text();
+    assert!(text.contains("insufficient_claims"), "{text}");
+    assert!(text.contains("stepping up"), "{text}");
+    assert!(text.contains("with_claims=true"), "{text}");
+    assert!(!text.contains("1700000000"), "the claims leaked: {text}");
+    assert!(!text.contains("eyJ"), "the encoded claims leaked: {text}");
+    assert!(!text.contains("token-"), "a token leaked: {text}");
+}

@@ -153,7 +153,7 @@ struct IdpState {
 /// `{"access_token": "token-<n>", "token_type": "Bearer", "expires_in": <seconds>}`.
 ///
 /// A `scope` parameter is recorded as the token's scope and a `claims` parameter (a claims
-/// challenge's, see [`TokenRequest`](crate::TokenRequest)) as satisfied, in the
+/// challenge's, see [`TokenRequest`]) as satisfied, in the
 /// [`TokenRegistry`], for the [`Api`](super::api::Api)'s `/needs-scope` and `/needs-claims`.
 ///
 /// It accepts any client id and secret: it exists to issue tokens that expire, and to count the
@@ -366,7 +366,7 @@ fn form_fields(body: &[u8]) -> Vec<(String, String)> {
 
 /// A token provider that asks `idp` over HTTP (client credentials, a hand-written request) and
 /// reads its JSON answer: the smallest provider that goes through the network. It sends the
-/// scope and claims of a [`TokenRequest`](crate::TokenRequest)
+/// scope and claims of a [`TokenRequest`]
 /// ([`TokenProvider::fetch_token_for`]) as form parameters. Against a real endpoint, use
 /// [`oauth2::ClientCredentials`](crate::oauth2::ClientCredentials).
 pub fn http_provider(idp: &IdentityProvider) -> impl TokenProvider {
