@@ -16,7 +16,7 @@ use tower_service::Service;
 use crate::cache::{Acquire, RefreshWait, Rejection};
 use crate::error::AuthError;
 use crate::inner_body::{IntoInnerBody, Unchanged};
-use crate::layer::AuthSettings;
+use crate::layer::{AuthSettings, Refusal};
 use crate::replay::{NotReplayable, ReplayBody, ReplayRequest};
 
 pin_project! {
@@ -196,15 +196,23 @@ where
                     let Some(settings) = this.settings.as_ref() else {
                         return Poll::Ready(Ok(response));
                     };
-                    if !(settings.rejected)(response.status(), response.headers()) {
+                    let Some(refusal) = settings.refusal(response.status(), response.headers())
+                    else {
                         return Poll::Ready(Ok(response));
-                    }
-                    if settings.cache.refused_for_scope(response.headers()) {
-                        return Poll::Ready(Ok(response));
-                    }
-                    if settings.cache.invalidate(*this.generation) == Rejection::Repeated {
+                    };
+                    // Only now are the challenges read: one decision, whatever they ask for.
+                    let rejection = settings.cache.answer_refusal(
+                        *this.generation,
+                        response.headers(),
+                        refusal == Refusal::Token,
+                        settings.step_up.as_deref(),
+                    );
+                    match rejection {
+                        // Not worth a new token (`insufficient_scope` without a step-up).
+                        None => return Poll::Ready(Ok(response)),
                         // Not an expiry: a new token would be refused too.
-                        return Poll::Ready(Ok(response));
+                        Some(Rejection::Repeated) => return Poll::Ready(Ok(response)),
+                        Some(_) => {}
                     }
                     let verdict = match this.replay.as_mut() {
                         Ok(replay) if this.service.is_some() => replay.freeze(),
@@ -262,7 +270,10 @@ where
                 StateProj::Replay { future } => {
                     let response = ready!(future.poll(cx)).map_err(Into::into)?;
                     if let Some(settings) = this.settings.as_ref() {
-                        if !(settings.rejected)(response.status(), response.headers()) {
+                        if settings
+                            .refusal(response.status(), response.headers())
+                            .is_none()
+                        {
                             settings.cache.replay_accepted(*this.generation);
                         }
                     }
