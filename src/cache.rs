@@ -36,8 +36,9 @@ use http::HeaderValue;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::challenge::{Demand, StepUp};
 use crate::error::AuthError;
-use crate::provider::TokenProvider;
+use crate::provider::{TokenProvider, TokenRequest};
 use crate::replay::NotReplayable;
 use crate::store::{FetchToken, LocalStore, RefreshRequest, StoreFuture, TokenStore};
 use crate::Token;
@@ -134,6 +135,9 @@ struct RefreshState {
     last_error: Option<AuthError>,
     /// The token a 401 invalidated, until the refresh that replaces it starts.
     rejected: Option<Token>,
+    /// What that 401's challenge asked the next token to have (claims, a step-up scope),
+    /// consumed by the refresh that starts next.
+    demand: TokenRequest,
 }
 
 impl RefreshState {
@@ -351,6 +355,8 @@ struct Counters {
     stale_rejections: AtomicU64,
     repeated_rejections: AtomicU64,
     insufficient_scope: AtomicU64,
+    claims_refreshes: AtomicU64,
+    step_ups: AtomicU64,
     replays: AtomicU64,
     not_replayed: [AtomicU64; 4],
 }
@@ -375,6 +381,15 @@ pub struct CacheStats {
     /// but lacks a scope, so it was neither refreshed nor replayed (a new token would lack it
     /// too); the response went back unchanged.
     pub insufficient_scope: u64,
+    /// Token refreshes started to satisfy an `error="insufficient_claims"` challenge: the
+    /// provider was asked for a token with the challenge's claims
+    /// ([`TokenRequest::claims`]). One per rejected token, however many requests met the
+    /// challenge.
+    pub claims_refreshes: u64,
+    /// Token refreshes started for a step-up: a step-up hook
+    /// ([`AuthLayerBuilder::step_up`](crate::AuthLayerBuilder::step_up)) turned an
+    /// `insufficient_scope` challenge into a request for a scope ([`TokenRequest::scope`]).
+    pub step_ups: u64,
     /// Requests replayed with a new token after a 401.
     pub replays: u64,
     /// Requests whose 401 went back unchanged because they could not be replayed, by reason.
@@ -490,20 +505,55 @@ impl TokenCache {
         self.invalidate(generation)
     }
 
-    /// Whether a rejection's `WWW-Authenticate` says `error="insufficient_scope"`, counted if so.
-    /// The token is fine but lacks a scope, and a new one would lack it too: such a rejection is
-    /// neither refreshed nor replayed, whichever client met it.
-    pub(crate) fn refused_for_scope(&self, headers: &http::HeaderMap) -> bool {
-        let refused =
-            crate::challenge::bearer_error(headers).as_deref() == Some("insufficient_scope");
-        if refused {
-            self.shared
-                .counters
-                .insufficient_scope
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("token lacks the scope the API asks for; not refreshed, not replayed");
-        }
-        refused
+    /// What to do with a refused response, decided once from its challenges: `None` to give it
+    /// back unchanged, else the cache's answer to the rejection (replay unless
+    /// [`Rejection::Repeated`]). Shared by every client (layer, reqwest middleware).
+    ///
+    /// `token_rejected`: the rejection predicate matched (a 401 by default). Otherwise the
+    /// response is a 403 looked at only for a step-up (RFC 6750 puts `insufficient_scope` on
+    /// 403), and anything but `insufficient_scope` leaves it alone.
+    pub(crate) fn answer_refusal(
+        &self,
+        generation: u64,
+        headers: &http::HeaderMap,
+        token_rejected: bool,
+        step_up: Option<&StepUp>,
+    ) -> Option<Rejection> {
+        let request = match Demand::of(headers) {
+            Demand::Refresh | Demand::Claims(_) if !token_rejected => return None,
+            Demand::Refresh => TokenRequest::default(),
+            Demand::Claims(claims) => {
+                tracing::debug!(
+                    generation,
+                    "token lacks the claims the API asks for (insufficient_claims); \
+                     refreshing with them"
+                );
+                TokenRequest::new().with_claims(claims)
+            }
+            Demand::Scope(scope) => {
+                self.shared
+                    .counters
+                    .insufficient_scope
+                    .fetch_add(1, Ordering::Relaxed);
+                let Some(step_up) = step_up else {
+                    tracing::debug!(
+                        "token lacks the scope the API asks for; not refreshed, not replayed"
+                    );
+                    return None;
+                };
+                match step_up(&scope) {
+                    Some(request) => {
+                        tracing::debug!(generation, scope = %scope, "token lacks the scope the API asks for; stepping up");
+                        request
+                    }
+                    None => {
+                        tracing::debug!(scope = %scope, "token lacks the scope the API asks for; the step-up hook declined, not replayed");
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(self.invalidate_for(generation, request))
     }
 
     /// What the cache has done so far, and the state of its current token: cheap enough to
@@ -519,6 +569,8 @@ impl TokenCache {
             stale_rejections: c.stale_rejections.load(Ordering::Relaxed),
             repeated_rejections: c.repeated_rejections.load(Ordering::Relaxed),
             insufficient_scope: c.insufficient_scope.load(Ordering::Relaxed),
+            claims_refreshes: c.claims_refreshes.load(Ordering::Relaxed),
+            step_ups: c.step_ups.load(Ordering::Relaxed),
             replays: c.replays.load(Ordering::Relaxed),
             not_replayed: NotReplayedCounts {
                 too_large: c.not_replayed[0].load(Ordering::Relaxed),
@@ -641,6 +693,13 @@ impl TokenCache {
     /// A 401 came back for the token of `generation`: forget it, unless it was replaced already
     /// or the API is refusing fresh tokens too (see [`Rejection`]).
     pub(crate) fn invalidate(&self, generation: u64) -> Rejection {
+        self.invalidate_for(generation, TokenRequest::default())
+    }
+
+    /// [`invalidate`](Self::invalidate), and the refresh that replaces the token asks the
+    /// provider for `request` (what the rejection's challenge asked for). Only the rejection that
+    /// invalidates decides it: the others for the same token wait for that one refresh.
+    pub(crate) fn invalidate_for(&self, generation: u64, request: TokenRequest) -> Rejection {
         let is_current = |current: &Option<Arc<Entry>>| {
             current
                 .as_deref()
@@ -680,6 +739,7 @@ impl TokenCache {
             };
             if swapped {
                 state.rejected = current.as_deref().map(|entry| entry.token.clone());
+                state.demand = request;
                 // A 401 earns one immediate refresh attempt, even while an earlier failure
                 // (say a throttled background refresh) is backing off: the identity provider
                 // may have recovered, and without a token nothing can be sent. Further failures
@@ -750,6 +810,16 @@ impl TokenCache {
         let deadline_at = deadline.deadline();
         let skew = shared.config.refresh_skew;
         let after_rejection = state.rejected.is_some();
+        let demand = std::mem::take(&mut state.demand);
+        let (with_claims, step_up) = (demand.claims().is_some(), demand.scope().is_some());
+        let counters = &shared.counters;
+        if with_claims {
+            counters.claims_refreshes.fetch_add(1, Ordering::Relaxed);
+        }
+        if step_up {
+            counters.step_ups.fetch_add(1, Ordering::Relaxed);
+        }
+        let fetch = shared.fetch.for_request(demand.clone());
         let request = match state.rejected.take() {
             Some(rejected) => RefreshRequest::new(Some(rejected), true, skew),
             None => RefreshRequest::new(
@@ -762,14 +832,14 @@ impl TokenCache {
                 skew,
             ),
         };
-        let fetch = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            shared.store.refresh(request, shared.fetch.clone())
-        }));
+        let request = request.with_token_request(demand);
+        let fetch =
+            std::panic::catch_unwind(AssertUnwindSafe(|| shared.store.refresh(request, fetch)));
         let weak = Arc::downgrade(shared);
         let cleanup = weak.clone();
         // The generation the new token will have; a failed attempt leaves a gap.
         let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::debug!(generation, "token refresh started");
+        tracing::debug!(generation, with_claims, step_up, "token refresh started");
 
         let spawner = runtime.clone();
         let fetch_and_install = async move {
@@ -902,6 +972,7 @@ fn finish_refresh(
         Ok(entry) => {
             shared.current.store(Some(entry.clone()));
             state.rejected = None;
+            state.demand = TokenRequest::default();
             state.retry_at = None;
             state.last_error = None;
             state.next_backoff = shared.config.backoff_initial;

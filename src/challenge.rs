@@ -1,10 +1,18 @@
 //! What a rejected response's `WWW-Authenticate` asks for (RFC 9110 section 11.6.1, RFC 6750
 //! section 3).
 //!
-//! A refusal says *why* it refused: an expired or revoked token (`error="invalid_token"`, or no
-//! error at all) is worth one refresh and one replay; `error="insufficient_scope"` is not, since a
-//! new token with the same scope is refused just the same, so the layer gives such a response back
-//! unchanged (counted in [`CacheStats::insufficient_scope`](crate::CacheStats::insufficient_scope)).
+//! A refusal says *why* it refused, and the layer acts on it, at most once per request:
+//! - an expired or revoked token (`error="invalid_token"`, or no error at all) is worth one
+//!   refresh and one replay;
+//! - `error="insufficient_scope"` is not worth a blind refresh, since a new token with the same
+//!   scope is refused just the same: the response goes back unchanged (counted in
+//!   [`CacheStats::insufficient_scope`](crate::CacheStats::insufficient_scope)), unless a step-up
+//!   hook ([`AuthLayerBuilder::step_up`](crate::AuthLayerBuilder::step_up)) asks for a token with
+//!   the challenged scope, which is then fetched and the request replayed once;
+//! - `error="insufficient_claims"` with `claims=` (base64 JSON, as Microsoft Entra's continuous
+//!   access evaluation sends) refreshes with those claims
+//!   ([`TokenRequest::claims`](crate::TokenRequest::claims)) and replays once (counted in
+//!   [`CacheStats::claims_refreshes`](crate::CacheStats::claims_refreshes)).
 //!
 //! The grammar is read in full: several challenges in one header value or in several headers,
 //! parameters whose values are tokens or quoted strings with `\` escapes, and `token68`
@@ -30,6 +38,12 @@
 
 use http::header::WWW_AUTHENTICATE;
 use http::HeaderMap;
+
+use crate::provider::TokenRequest;
+
+/// A step-up hook: from the scope an `insufficient_scope` challenge names, the token to ask
+/// for, or `None` to give the response back unchanged.
+pub(crate) type StepUp = dyn Fn(&str) -> Option<TokenRequest> + Send + Sync;
 
 /// One challenge: an authentication scheme and its parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +87,87 @@ pub fn bearer_error(headers: &HeaderMap) -> Option<String> {
         .into_iter()
         .filter(|challenge| challenge.is("bearer"))
         .find_map(|challenge| challenge.param("error").map(str::to_owned))
+}
+
+/// What a rejected response asks for, read once from its challenges (the first `Bearer` or
+/// `DPoP` challenge that carries an `error`: RFC 9449 section 7.1 gives DPoP the same errors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Demand {
+    /// A new token: `invalid_token`, no error, an error this crate does not act on, or claims
+    /// that cannot be read.
+    Refresh,
+    /// `insufficient_scope`, with the challenge's `scope` (empty if it named none).
+    Scope(String),
+    /// `insufficient_claims`, with its `claims` decoded to JSON text.
+    Claims(String),
+}
+
+impl Demand {
+    /// Read what `headers` ask for. Only called for a rejected response.
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let challenge = challenges(headers)
+            .into_iter()
+            .find(|challenge| {
+                (challenge.is("bearer") || challenge.is("dpop")) && challenge.param("error").is_some()
+            });
+        let Some(challenge) = challenge else {
+            return Self::Refresh;
+        };
+        match challenge.param("error") {
+            Some("insufficient_scope") => {
+                Self::Scope(challenge.param("scope").unwrap_or_default().to_owned())
+            }
+            Some("insufficient_claims") => {
+                let claims = challenge
+                    .param("claims")
+                    .and_then(decode_base64)
+                    .and_then(|bytes| String::from_utf8(bytes).ok());
+                match claims {
+                    Some(claims) => Self::Claims(claims),
+                    None => {
+                        // The value is not logged: it is the API's, and may be long.
+                        tracing::debug!(
+                            "insufficient_claims challenge without readable claims \
+                             (missing, not base64 or not UTF-8); refreshing without them"
+                        );
+                        Self::Refresh
+                    }
+                }
+            }
+            _ => Self::Refresh,
+        }
+    }
+}
+
+/// Decode base64 in either alphabet (standard `+/` or URL-safe `-_`), with or without `=`
+/// padding. `None` on any other input. APIs send claims in either form, and JWT segments are
+/// URL-safe without padding.
+pub(crate) fn decode_base64(input: &str) -> Option<Vec<u8>> {
+    let input = input.trim_end_matches('=');
+    if input.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(input.len() * 3 / 4);
+    let mut buffer = 0u32;
+    let mut bits = 0;
+    for byte in input.bytes() {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        };
+        buffer = buffer << 6 | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+            buffer &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 struct Reader<'a> {
@@ -303,6 +398,95 @@ mod tests {
             Some("insufficient_claims")
         );
         assert_eq!(bearer_error(&HeaderMap::new()), None);
+    }
+
+    fn demand(values: &[&'static str]) -> Demand {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(WWW_AUTHENTICATE, HeaderValue::from_static(value));
+        }
+        Demand::of(&headers)
+    }
+
+    /// Entra's CAE shape, and its standard base64 (padded).
+    const CLAIMS_BASE64: &str =
+        "eyJhY2Nlc3NfdG9rZW4iOnsibmJmIjp7ImVzc2VudGlhbCI6dHJ1ZSwidmFsdWUiOiIxNzAwMDAwMDAwIn19fQ==";
+    const CLAIMS: &str = r#"{"access_token":{"nbf":{"essential":true,"value":"1700000000"}}}"#;
+
+    #[test]
+    fn the_demand_of_a_rejection() {
+        assert_eq!(demand(&[]), Demand::Refresh);
+        assert_eq!(demand(&["Bearer"]), Demand::Refresh);
+        // DPoP challenges carry the same errors (RFC 9449 section 7.1).
+        assert_eq!(
+            demand(&[r#"DPoP error="insufficient_scope", scope="write", algs="ES256""#]),
+            Demand::Scope("write".into())
+        );
+        assert_eq!(
+            demand(&[r#"Bearer error="invalid_token""#]),
+            Demand::Refresh
+        );
+        // Several challenges in one header: the Bearer one that carries an error decides.
+        assert_eq!(
+            demand(&[
+                r#"Basic realm="x", Bearer realm="api", error="insufficient_scope", scope="admin read""#
+            ]),
+            Demand::Scope("admin read".to_owned())
+        );
+        assert_eq!(
+            demand(&[r#"Bearer error="insufficient_scope""#]),
+            Demand::Scope(String::new())
+        );
+        // Several headers; an error in another scheme's challenge is not ours.
+        assert_eq!(
+            demand(&[
+                r#"DPoP error="insufficient_scope", scope="x""#,
+                r#"Bearer realm="api""#,
+                r#"Bearer error="insufficient_claims", claims="eyJhIjoxfQ==""#,
+            ]),
+            Demand::Claims(r#"{"a":1}"#.to_owned())
+        );
+    }
+
+    #[test]
+    fn claims_in_either_base64_alphabet_with_or_without_padding() {
+        let unpadded = CLAIMS_BASE64.trim_end_matches('=');
+        for encoded in [CLAIMS_BASE64, unpadded] {
+            let header = format!(r#"Bearer error="insufficient_claims", claims="{encoded}""#);
+            let mut headers = HeaderMap::new();
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_str(&header).unwrap());
+            assert_eq!(
+                Demand::of(&headers),
+                Demand::Claims(CLAIMS.to_owned()),
+                "{encoded}"
+            );
+        }
+        // JSON whose base64 needs the alphabets' last letters: `+/` or `-_`.
+        for encoded in ["eyJ4Ijoifn5+PyJ9", "eyJ4Ijoifn5-PyJ9"] {
+            let header = format!(r#"Bearer error="insufficient_claims", claims="{encoded}""#);
+            let mut headers = HeaderMap::new();
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_str(&header).unwrap());
+            assert_eq!(
+                Demand::of(&headers),
+                Demand::Claims(r#"{"x":"~~~?"}"#.to_owned())
+            );
+        }
+        // Bytes that need both alphabets' last two letters: `+/` and `-_` read the same.
+        assert_eq!(decode_base64("+/+/"), Some(vec![0xfb, 0xff, 0xbf]));
+        assert_eq!(decode_base64("-_-_"), Some(vec![0xfb, 0xff, 0xbf]));
+    }
+
+    #[test]
+    fn garbage_claims_are_a_plain_refresh() {
+        for garbage in [
+            r#"Bearer error="insufficient_claims""#,
+            r#"Bearer error="insufficient_claims", claims="not base64!""#,
+            r#"Bearer error="insufficient_claims", claims="a""#,
+            // Valid base64 of bytes that are not UTF-8.
+            r#"Bearer error="insufficient_claims", claims="//79""#,
+        ] {
+            assert_eq!(demand(&[garbage]), Demand::Refresh, "{garbage}");
+        }
     }
 
     proptest::proptest! {

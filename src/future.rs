@@ -16,7 +16,7 @@ use tower_service::Service;
 use crate::cache::{Acquire, RefreshWait, Rejection};
 use crate::error::AuthError;
 use crate::inner_body::{IntoInnerBody, Unchanged};
-use crate::layer::AuthSettings;
+use crate::layer::{AuthSettings, Refusal};
 use crate::proof::{self, Sent};
 use crate::replay::{NotReplayable, ReplayBody, ReplayRequest};
 
@@ -217,15 +217,24 @@ where
                         response.headers(),
                     );
                     if !for_nonce {
-                        if !(settings.rejected)(response.status(), response.headers()) {
+                        let Some(refusal) =
+                            settings.refusal(response.status(), response.headers())
+                        else {
                             return Poll::Ready(Ok(response));
-                        }
-                        if settings.cache.refused_for_scope(response.headers()) {
-                            return Poll::Ready(Ok(response));
-                        }
-                        if settings.cache.invalidate(*this.generation) == Rejection::Repeated {
+                        };
+                        // Only now are the challenges read: one decision, whatever they ask for.
+                        let rejection = settings.cache.answer_refusal(
+                            *this.generation,
+                            response.headers(),
+                            refusal == Refusal::Token,
+                            settings.step_up.as_deref(),
+                        );
+                        match rejection {
+                            // Not worth a new token (`insufficient_scope` without a step-up).
+                            None => return Poll::Ready(Ok(response)),
                             // Not an expiry: a new token would be refused too.
-                            return Poll::Ready(Ok(response));
+                            Some(Rejection::Repeated) => return Poll::Ready(Ok(response)),
+                            Some(_) => {}
                         }
                     }
                     let verdict = match this.replay.as_mut() {
@@ -289,7 +298,10 @@ where
                     let response = ready!(future.poll(cx)).map_err(Into::into)?;
                     if let Some(settings) = this.settings.as_ref() {
                         proof::observe(settings, this.dpop.as_deref(), response.headers());
-                        if !(settings.rejected)(response.status(), response.headers()) {
+                        if settings
+                            .refusal(response.status(), response.headers())
+                            .is_none()
+                        {
                             settings.cache.replay_accepted(*this.generation);
                         }
                     }

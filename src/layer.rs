@@ -10,10 +10,11 @@ use http::{request, HeaderMap, HeaderName, StatusCode};
 use tower_layer::Layer;
 
 use crate::cache::{TokenCache, TokenCacheBuilder};
+use crate::challenge::StepUp;
 use crate::inner_body::Unchanged;
 use crate::origin::Origin;
 use crate::predicate::{self, RejectionPredicate, ReplayPredicate};
-use crate::provider::TokenProvider;
+use crate::provider::{TokenProvider, TokenRequest};
 use crate::replay::DEFAULT_MAX_REPLAY_BODY;
 use crate::service::AuthService;
 
@@ -76,9 +77,43 @@ pub(crate) struct AuthSettings {
     pub(crate) replay_if: Option<Arc<ReplayPredicate>>,
     pub(crate) existing: ExistingAuthorization,
     pub(crate) origins: Option<Vec<Origin>>,
+    pub(crate) step_up: Option<Arc<StepUp>>,
     /// Sender-constrained tokens: a proof per request, and the server nonces learned so far.
     #[cfg(feature = "dpop")]
     pub(crate) dpop: Option<crate::dpop::Dpop>,
+}
+
+/// How a response refused the request's token, as far as the layer acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The rejection predicate matched (a 401 by default).
+    Token,
+    /// A 403, looked at only because a step-up hook is set: RFC 6750 answers
+    /// `insufficient_scope` with 403, which the default predicate does not match.
+    Forbidden,
+}
+
+impl AuthSettings {
+    /// Whether `status` refuses the token: a status check (and the predicate), nothing parsed.
+    pub(crate) fn refusal(&self, status: StatusCode, headers: &HeaderMap) -> Option<Refusal> {
+        refusal(&*self.rejected, self.step_up.is_some(), status, headers)
+    }
+}
+
+/// [`AuthSettings::refusal`], for every client of the cache (the reqwest middleware too).
+pub(crate) fn refusal(
+    rejected: &RejectionPredicate,
+    step_up: bool,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Option<Refusal> {
+    if rejected(status, headers) {
+        Some(Refusal::Token)
+    } else if step_up && status == StatusCode::FORBIDDEN {
+        Some(Refusal::Forbidden)
+    } else {
+        None
+    }
 }
 
 impl AuthLayer<Unchanged> {
@@ -134,7 +169,8 @@ impl fmt::Debug for AuthSettings {
             .field("max_replay_body", &self.max_replay_body)
             .field("replay_filtered", &self.replay_if.is_some())
             .field("existing", &self.existing)
-            .field("origins", &self.origins);
+            .field("origins", &self.origins)
+            .field("step_up", &self.step_up.is_some());
         #[cfg(feature = "dpop")]
         f.field("dpop", &self.dpop);
         f.finish_non_exhaustive()
@@ -177,6 +213,7 @@ pub(crate) struct LayerOptions {
     replay_if: Option<Arc<ReplayPredicate>>,
     existing: ExistingAuthorization,
     origins: Option<Vec<Origin>>,
+    step_up: Option<Arc<StepUp>>,
     #[cfg(feature = "dpop")]
     dpop: Option<crate::dpop::Dpop>,
 }
@@ -200,6 +237,7 @@ impl LayerOptions {
             replay_if: self.replay_if,
             existing: self.existing,
             origins: self.origins,
+            step_up: self.step_up,
             #[cfg(feature = "dpop")]
             dpop: self.dpop,
         }
@@ -218,6 +256,7 @@ impl<C> AuthLayerBuilder<C> {
                 replay_if: None,
                 existing: ExistingAuthorization::Keep,
                 origins: None,
+                step_up: None,
                 #[cfg(feature = "dpop")]
                 dpop: None,
             },
@@ -324,6 +363,47 @@ impl<C, I> AuthLayerBuilder<C, I> {
     pub fn dpop(mut self, dpop: crate::dpop::Dpop) -> Self {
         self.options.dpop = Some(dpop);
         self
+    }
+
+    /// Step up on `insufficient_scope`: when a rejection's challenge says
+    /// `error="insufficient_scope"`, call `step_up` with the scope it names (empty if none); a
+    /// [`TokenRequest`] it returns is passed to the provider
+    /// ([`TokenProvider::fetch_token_for`]) for one new token, and the request is replayed once
+    /// with it. `None` gives the response back unchanged. Default: no hook, every
+    /// `insufficient_scope` response goes back unchanged (a new token with the same scope would
+    /// be refused too).
+    ///
+    /// Looked for on 401s (the rejection predicate) and on 403s, where RFC 6750 puts
+    /// `insufficient_scope`. The stepped-up token becomes the cache's token for every request;
+    /// one is fetched however many requests met the challenge, and the
+    /// [rejection cooldown](TokenCacheBuilder::rejection_cooldown) bounds the token requests of
+    /// an API that refuses it too. Counted in [`CacheStats::step_ups`](crate::CacheStats::step_ups).
+    ///
+    /// ```
+    /// use tower_auth_refresh::{AuthLayer, StaticToken, Token, TokenRequest};
+    ///
+    /// // Step up to the scopes this client may hold, never to anything else.
+    /// let layer = AuthLayer::builder(StaticToken::new(Token::new("secret")))
+    ///     .step_up(|scope| {
+    ///         let allowed = ["admin", "reports:write"];
+    ///         allowed.contains(&scope).then(|| TokenRequest::new().with_scope(scope))
+    ///     })
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn step_up<F>(mut self, step_up: F) -> Self
+    where
+        F: Fn(&str) -> Option<TokenRequest> + Send + Sync + 'static,
+    {
+        self.options.step_up = Some(Arc::new(step_up));
+        self
+    }
+
+    /// [`step_up`](Self::step_up) to exactly the scope the challenge names (none if it names
+    /// none). Only for an API the client trusts to ask for what it needs: the identity provider
+    /// decides what the client may have.
+    pub fn step_up_to_challenged_scope(self) -> Self {
+        self.step_up(|scope| (!scope.is_empty()).then(|| TokenRequest::new().with_scope(scope)))
     }
 
     /// What the builder holds, for builders of other layers over the same options.

@@ -79,7 +79,9 @@ pub use future::ResponseFuture;
 pub use keyed::{KeyedAuthLayer, KeyedAuthService, KeyedCaches, KeyedStats};
 pub use layer::{AuthLayer, AuthLayerBuilder, ExistingAuthorization};
 pub use origin::{InvalidOrigin, Origin};
-pub use provider::{provider_fn, ProviderFn, ProviderFuture, StaticToken, TokenProvider};
+pub use provider::{
+    provider_fn, ProviderFn, ProviderFuture, StaticToken, TokenProvider, TokenRequest,
+};
 pub use replay::{NotReplayable, ReplayBody};
 pub use service::AuthService;
 pub use store::{LocalStore, TokenStore};

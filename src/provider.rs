@@ -39,6 +39,78 @@ pub type ProviderFuture = Pin<Box<dyn Future<Output = Result<Token, tower::BoxEr
 pub trait TokenProvider: Send + Sync + 'static {
     /// Ask the identity provider for a new token.
     fn fetch_token(&self) -> ProviderFuture;
+
+    /// Ask for a new token that satisfies `request`: what the API's challenge asked for (a
+    /// scope for a step-up, the claims of an `insufficient_claims` challenge). Called instead of
+    /// [`fetch_token`](Self::fetch_token) for every refresh, with a default `request` for
+    /// refreshes before expiry and after a plain 401.
+    ///
+    /// The default ignores `request` and calls `fetch_token`, so providers written before this
+    /// method (and every [`provider_fn`] closure) keep working. A provider that cannot honour a
+    /// scope or claims may do the same: the replay is then refused again, and that response goes
+    /// back to the caller (a request is replayed at most once).
+    fn fetch_token_for(&self, request: &TokenRequest) -> ProviderFuture {
+        let _ = request;
+        self.fetch_token()
+    }
+}
+
+/// What a token refresh is asked to obtain beyond a plain new token: why the provider is called.
+///
+/// Default (both `None`) for refreshes before expiry and after a 401 that asked for nothing. A
+/// challenge fills it in: `error="insufficient_claims"` sets the [`claims`](Self::claims) it
+/// carried (Microsoft Entra's continuous access evaluation), a step-up hook
+/// ([`AuthLayerBuilder::step_up`](crate::AuthLayerBuilder::step_up)) sets a
+/// [`scope`](Self::scope). The token obtained for it becomes the cache's token for every request.
+///
+/// ```
+/// use tower_auth_refresh::TokenRequest;
+///
+/// let request = TokenRequest::new().with_scope("admin");
+/// assert_eq!(request.scope(), Some("admin"));
+/// assert_eq!(request.claims(), None);
+/// assert!(TokenRequest::new().is_default());
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenRequest {
+    scope: Option<String>,
+    claims: Option<String>,
+}
+
+impl TokenRequest {
+    /// A request for a plain new token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ask for this scope (space-separated) instead of the provider's configured one.
+    pub fn with_scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+
+    /// Ask for a token that satisfies these claims: the JSON text of a challenge's `claims`
+    /// parameter, base64-decoded (OpenID Connect's `claims` request parameter, as MSAL sends it).
+    pub fn with_claims(mut self, claims: impl Into<String>) -> Self {
+        self.claims = Some(claims.into());
+        self
+    }
+
+    /// The scope asked for, if any.
+    pub fn scope(&self) -> Option<&str> {
+        self.scope.as_deref()
+    }
+
+    /// The claims asked for (JSON text), if any.
+    pub fn claims(&self) -> Option<&str> {
+        self.claims.as_deref()
+    }
+
+    /// Whether nothing beyond a plain new token is asked for.
+    pub fn is_default(&self) -> bool {
+        self.scope.is_none() && self.claims.is_none()
+    }
 }
 
 /// A [`TokenProvider`] from a closure that returns a future. See [`provider_fn`].

@@ -462,6 +462,13 @@ enum Outcome {
     Fetched(Result<Token, tower::BoxError>),
 }
 
+/// Whether `request` may be satisfied by `shared`, a token another process published. Never for a
+/// refresh that asks for a scope or claims: the shared token lacks them. Such a refresh still
+/// publishes what it fetched, which is the fleet's token from then on.
+fn adoptable(request: &RefreshRequest, shared: &Token, now: Instant) -> bool {
+    request.token_request().is_default() && request.accepts(shared, now)
+}
+
 impl Inner {
     async fn refresh(
         self: &Arc<Self>,
@@ -494,7 +501,7 @@ impl Inner {
     ) -> Result<Outcome, Unavailable> {
         let deadline = Instant::now() + self.wait_timeout;
         if let Some(shared) = self.read().await? {
-            if request.accepts(&shared.token, Instant::now()) {
+            if adoptable(request, &shared.token, Instant::now()) {
                 return Ok(Outcome::Adopted(shared.token));
             }
             let still_rejected = request
@@ -535,7 +542,7 @@ impl Inner {
             tokio::time::sleep(poll).await;
             poll = (poll * 2).min(LONGEST_POLL);
             if let Some(shared) = self.read().await? {
-                if request.accepts(&shared.token, Instant::now()) {
+                if adoptable(request, &shared.token, Instant::now()) {
                     return Ok(Outcome::Adopted(shared.token));
                 }
             }
@@ -552,7 +559,7 @@ impl Inner {
         lock: HeldLock,
     ) -> Outcome {
         let outcome = match self.read().await {
-            Ok(Some(shared)) if request.accepts(&shared.token, Instant::now()) => {
+            Ok(Some(shared)) if adoptable(request, &shared.token, Instant::now()) => {
                 Outcome::Adopted(shared.token)
             }
             _ => match self.fetch_holding(fetch, &lock.owner).await {
@@ -628,7 +635,7 @@ impl Inner {
             Ok(Published::Newer(raw)) => {
                 self.stats.not_published.fetch_add(1, Ordering::Relaxed);
                 if let Some(newer) = self.decode(&raw) {
-                    if request.accepts(&newer, Instant::now()) {
+                    if adoptable(request, &newer, Instant::now()) {
                         tracing::debug!(
                             namespace = %self.namespace,
                             "another process published a newer token; using it instead"

@@ -8,6 +8,9 @@
 //! token: a 401 for a token that was already replaced fetches nothing, a 401 on the replay goes
 //! back to the caller, and a token that is refused as soon as it was fetched is not refreshed
 //! again within the [rejection cooldown](crate::TokenCacheBuilder::rejection_cooldown).
+//! Challenges are read as the layer reads them (see [`challenge`](crate::challenge)):
+//! `insufficient_claims` refreshes with the claims and replays once, `insufficient_scope` goes
+//! back unchanged unless [`step_up`](AuthMiddlewareBuilder::step_up) is set.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -74,11 +77,12 @@ use reqwest::{Request, Response, Url};
 use reqwest_middleware::{Middleware, Next};
 
 use crate::cache::{Acquire, Credential, Rejection, TokenCache};
+use crate::challenge::StepUp;
 use crate::error::AuthError;
-use crate::layer::ExistingAuthorization;
+use crate::layer::{refusal, ExistingAuthorization, Refusal};
 use crate::origin::Origin;
 use crate::predicate::{self, RejectionPredicate};
-use crate::provider::TokenProvider;
+use crate::provider::{TokenProvider, TokenRequest};
 use crate::replay::ReplayBody;
 
 /// Decides from a reqwest request whether it may be replayed after a rejection.
@@ -100,6 +104,7 @@ struct Settings {
     replay_if: Option<Box<ReplayPredicate>>,
     existing: ExistingAuthorization,
     origins: Option<Vec<Origin>>,
+    step_up: Option<Box<StepUp>>,
 }
 
 impl AuthMiddleware {
@@ -125,6 +130,7 @@ impl AuthMiddleware {
                 replay_if: None,
                 existing: ExistingAuthorization::Keep,
                 origins: None,
+                step_up: None,
             },
         }
     }
@@ -195,6 +201,23 @@ impl AuthMiddlewareBuilder {
         self
     }
 
+    /// Step up on `insufficient_scope` (on a 401 or a 403): `step_up` turns the challenged
+    /// scope into the [`TokenRequest`] for one new token, and the request is replayed once with
+    /// it; `None` gives the response back unchanged. The same as
+    /// [`AuthLayerBuilder::step_up`](crate::AuthLayerBuilder::step_up). Default: no hook.
+    pub fn step_up<F>(mut self, step_up: F) -> Self
+    where
+        F: Fn(&str) -> Option<TokenRequest> + Send + Sync + 'static,
+    {
+        self.settings.step_up = Some(Box::new(step_up));
+        self
+    }
+
+    /// [`step_up`](Self::step_up) to exactly the scope the challenge names.
+    pub fn step_up_to_challenged_scope(self) -> Self {
+        self.step_up(|scope| (!scope.is_empty()).then(|| TokenRequest::new().with_scope(scope)))
+    }
+
     /// Build the middleware.
     pub fn build(self) -> AuthMiddleware {
         AuthMiddleware {
@@ -214,6 +237,15 @@ impl Settings {
             .ok()
             .and_then(|uri| Origin::of(&uri))
             .is_some_and(|origin| origins.contains(&origin))
+    }
+
+    fn refusal(&self, response: &Response) -> Option<Refusal> {
+        refusal(
+            &*self.rejected,
+            self.step_up.is_some(),
+            response.status(),
+            response.headers(),
+        )
     }
 
     fn replay_allowed(&self, request: &Request) -> bool {
@@ -265,17 +297,23 @@ impl Middleware for AuthMiddleware {
         };
 
         let response = next.clone().run(request, extensions).await?;
-        if !(settings.rejected)(response.status(), response.headers()) {
+        let Some(refusal) = settings.refusal(&response) else {
             return Ok(response);
-        }
-        if settings.cache.refused_for_scope(response.headers()) {
-            return Ok(response);
-        }
+        };
         // Even a request that cannot be replayed reports the rejection, so the next request
-        // gets a new token.
-        if settings.cache.invalidate(credential.generation) == Rejection::Repeated {
+        // gets a new token. The same decision from the challenges as the tower layer's.
+        let rejection = settings.cache.answer_refusal(
+            credential.generation,
+            response.headers(),
+            refusal == Refusal::Token,
+            settings.step_up.as_deref(),
+        );
+        match rejection {
+            // Not worth a new token (`insufficient_scope` without a step-up).
+            None => return Ok(response),
             // Not an expiry: a new token would be refused too.
-            return Ok(response);
+            Some(Rejection::Repeated) => return Ok(response),
+            Some(_) => {}
         }
         let Some(mut replay) = replay else {
             if replay_allowed {
@@ -302,7 +340,7 @@ impl Middleware for AuthMiddleware {
         settings.cache.record_replay();
         tracing::debug!("token rejected; replaying the request with a new token");
         let response = next.run(replay, extensions).await?;
-        if !(settings.rejected)(response.status(), response.headers()) {
+        if settings.refusal(&response).is_none() {
             settings.cache.replay_accepted(credential.generation);
         }
         Ok(response)
@@ -318,6 +356,7 @@ impl fmt::Debug for AuthMiddleware {
             .field("replay_filtered", &settings.replay_if.is_some())
             .field("existing", &settings.existing)
             .field("origins", &settings.origins)
+            .field("step_up", &settings.step_up.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::AuthError;
-use crate::provider::TokenProvider;
+use crate::provider::{TokenProvider, TokenRequest};
 use crate::Token;
 
 /// The future a [`TokenStore`] returns.
@@ -65,6 +65,8 @@ pub trait TokenStore: Send + Sync + 'static {
 pub struct RefreshRequest {
     replacing: Option<Token>,
     rejected: bool,
+    /// What the API's challenge asked the new token to have.
+    token_request: TokenRequest,
     /// The cache's clock-skew buffer: a token closer to its expiry than this (or than a quarter
     /// of its life) would be stale on arrival.
     refresh_skew: Duration,
@@ -75,8 +77,22 @@ impl RefreshRequest {
         Self {
             replacing,
             rejected,
+            token_request: TokenRequest::default(),
             refresh_skew,
         }
+    }
+
+    pub(crate) fn with_token_request(mut self, token_request: TokenRequest) -> Self {
+        self.token_request = token_request;
+        self
+    }
+
+    /// What the new token must satisfy: the scope or claims a challenge asked for (default for
+    /// refreshes before expiry and after a plain 401). [`FetchToken::fetch`] passes it to the
+    /// provider. A shared store should not hand out another process's token for a request
+    /// that is not [default](TokenRequest::is_default): that token lacks what was asked for.
+    pub fn token_request(&self) -> &TokenRequest {
+        &self.token_request
     }
 
     /// The token the cache holds and wants replaced: one that is about to expire, or the one the
@@ -133,6 +149,9 @@ impl RefreshRequest {
 pub struct FetchToken {
     provider: Arc<dyn TokenProvider>,
     token_requests: Arc<AtomicU64>,
+    /// Passed to [`TokenProvider::fetch_token_for`]: the refresh's
+    /// [`RefreshRequest::token_request`].
+    request: TokenRequest,
 }
 
 impl FetchToken {
@@ -140,16 +159,28 @@ impl FetchToken {
         Self {
             provider,
             token_requests,
+            request: TokenRequest::default(),
         }
     }
 
-    /// Call the provider once. A lifetime given as `expires_in` counts from the moment of this
+    /// The same provider, asked for `request`.
+    pub(crate) fn for_request(&self, request: TokenRequest) -> Self {
+        Self {
+            provider: self.provider.clone(),
+            token_requests: self.token_requests.clone(),
+            request,
+        }
+    }
+
+    /// Call the provider once, with the refresh's
+    /// [`token_request`](RefreshRequest::token_request) ([`TokenProvider::fetch_token_for`]). A lifetime given as `expires_in` counts from the moment of this
     /// call, so the token can be handed to other processes with an absolute expiry.
     pub fn fetch(&self) -> impl Future<Output = Result<Token, tower::BoxError>> + Send + 'static {
         self.token_requests.fetch_add(1, Ordering::Relaxed);
         let sent_at = Instant::now();
         let provider = self.provider.clone();
-        let fetch = std::panic::catch_unwind(AssertUnwindSafe(|| provider.fetch_token()));
+        let fetch =
+            std::panic::catch_unwind(AssertUnwindSafe(|| provider.fetch_token_for(&self.request)));
         async move {
             match fetch {
                 Ok(fetch) => fetch.await.map(|token| token.anchored_at(sent_at)),

@@ -928,3 +928,46 @@ async fn a_holder_whose_lock_was_taken_over_does_not_publish() {
     assert_eq!((b.published, b.not_published), (1, 0));
     assert_eq!((c.published, c.adopted), (0, 1));
 }
+
+/// A refresh for a claims challenge never takes the fleet's shared token (it lacks the claims),
+/// and publishes the token it fetched, which becomes the fleet's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claims_refresh_fetches_its_own_token_and_shares_it() {
+    let redis = RedisServer::start();
+    let (_registry, idp, api) = servers(None).await;
+    let (store_a, store_b) = (store(&redis), store(&redis));
+    let cache_a = TokenCache::builder(http_provider_at(idp.token_url()))
+        .store(store_a.clone())
+        .build();
+    let cache_b = TokenCache::builder(http_provider_at(idp.token_url()))
+        .store(store_b.clone())
+        .build();
+    let (a, b) = (service(&cache_a), service(&cache_b));
+    let get = |service: &AuthService<Client>, path: &str| {
+        let request = Request::get(api.url(path)).body(Empty::new()).unwrap();
+        let call = service.clone().oneshot(request);
+        async move {
+            let response = tokio::time::timeout(PATIENCE, call).await.unwrap().unwrap();
+            let status = response.status();
+            (status, body_string(response).await)
+        }
+    };
+
+    assert_eq!(whoami(&a, &api).await.1, "token-1");
+    assert_eq!(whoami(&b, &api).await.1, "token-1", "B took A's token");
+    // A's token is refused by one route (not expired): A fetches and shares token-2.
+    assert_eq!(get(&a, "/always-401").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(idp.token_requests(), 2);
+
+    // B, still on token-1, meets a claims challenge: token-2 lacks the claims too.
+    let (status, token) = get(&b, "/needs-claims").await;
+    assert_eq!((status, token.as_str()), (StatusCode::OK, "token-3"));
+    assert_eq!((idp.token_requests(), idp.claims_requests()), (3, 1));
+    let stats_b = store_b.stats();
+    assert_eq!((stats_b.adopted, stats_b.published), (1, 1));
+    let shared = redis.command("GET tower-auth-refresh:tests:token").unwrap();
+    assert!(
+        shared.contains("token-3"),
+        "the claims token is the fleet's"
+    );
+}

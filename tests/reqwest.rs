@@ -186,6 +186,50 @@ async fn insufficient_scope_is_never_refreshed_nor_replayed() {
     );
 }
 
+/// tests/challenges.rs for reqwest: a claims challenge met by a burst costs one token request
+/// with the claims, and each request is replayed once with its token.
+#[tokio::test]
+async fn claims_challenges_refresh_once_with_the_claims_and_replay() {
+    let w = world(Some(HOUR)).await;
+    let middleware = AuthMiddleware::new(http_provider(&w.idp));
+    let cache = middleware.cache().clone();
+    let client = client(middleware);
+    let answers = join_all((0..20).map(|_| get(&client, &w.api, "/needs-claims"))).await;
+    for answer in answers {
+        assert_eq!(answer.unwrap(), (StatusCode::OK, "token-2".to_owned()));
+    }
+    assert_eq!((w.idp.token_requests(), w.idp.claims_requests()), (2, 1));
+    assert!(w.registry.issued_with_claims("token-2"));
+    let stats = cache.stats();
+    assert_eq!((stats.claims_refreshes, stats.replays), (1, 20));
+    assert_eq!(w.api.requests(), 40);
+}
+
+/// Step-up for reqwest: on the 401 and on the 403 of `insufficient_scope`.
+#[tokio::test]
+async fn step_up_to_the_challenged_scope() {
+    for path in ["/needs-scope", "/needs-scope-403"] {
+        let w = world(Some(HOUR)).await;
+        let middleware = AuthMiddleware::builder(TokenCache::new(http_provider(&w.idp)))
+            .step_up_to_challenged_scope()
+            .build();
+        let cache = middleware.cache().clone();
+        let client = client(middleware);
+        let answers = join_all((0..10).map(|_| get(&client, &w.api, path))).await;
+        for answer in answers {
+            assert_eq!(
+                answer.unwrap(),
+                (StatusCode::OK, "token-2".to_owned()),
+                "{path}"
+            );
+        }
+        assert_eq!(w.idp.token_requests(), 2);
+        assert_eq!(w.registry.scope_of("token-2").as_deref(), Some("admin"));
+        let stats = cache.stats();
+        assert_eq!((stats.step_ups, stats.replays), (1, 10));
+    }
+}
+
 /// tests/refresh.rs `an_endpoint_that_refuses_every_token_costs_one_token_request_per_cooldown`
 /// for reqwest: an endpoint that refuses every token costs one token request per cooldown, and
 /// every other endpoint keeps working. The cooldown is long enough that the whole run fits in

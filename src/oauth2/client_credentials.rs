@@ -6,9 +6,9 @@ use std::time::SystemTime;
 
 use super::discovery::ProviderMetadata;
 use super::transport::{send, HttpTransport};
-use super::{token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
+use super::{request_fields, token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::AuthError;
-use crate::provider::{ProviderFuture, TokenProvider};
+use crate::provider::{ProviderFuture, TokenProvider, TokenRequest};
 use crate::Token;
 
 /// Fetches tokens with the client's own credentials: the grant for batch jobs with no user.
@@ -67,10 +67,20 @@ impl ClientCredentials {
 
     /// Ask the token endpoint for a new token.
     pub async fn request_token(&self) -> Result<Token, AuthError> {
+        self.request_token_for(&TokenRequest::default()).await
+    }
+
+    /// Ask the token endpoint for a new token that satisfies `wanted`: its scope replaces the
+    /// configured one, its claims go as the `claims` parameter.
+    pub async fn request_token_for(&self, wanted: &TokenRequest) -> Result<Token, AuthError> {
         let inner = &self.inner;
         let endpoint = &inner.endpoint;
-        let mut params: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
-        params.extend(inner.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let configured = inner.params.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let params = request_fields(
+            vec![("grant_type", "client_credentials")],
+            configured,
+            wanted,
+        );
         let request = token_request(&endpoint.uri, &endpoint.client, &params)?;
         let answer = send(&endpoint.transport, request).await?;
         super::response::token_from(&answer, SystemTime::now())
@@ -79,9 +89,14 @@ impl ClientCredentials {
 
 impl TokenProvider for ClientCredentials {
     fn fetch_token(&self) -> ProviderFuture {
+        self.fetch_token_for(&TokenRequest::default())
+    }
+
+    fn fetch_token_for(&self, request: &TokenRequest) -> ProviderFuture {
         let this = self.clone();
+        let request = request.clone();
         Box::pin(async move {
-            this.request_token()
+            this.request_token_for(&request)
                 .await
                 .map_err(|error| -> tower::BoxError { Box::new(error) })
         })

@@ -62,34 +62,9 @@ pub(crate) fn base64(input: &[u8]) -> String {
     out
 }
 
-/// Decode base64url without padding (JWT segments). `None` on any invalid input.
-pub(crate) fn base64url_decode(input: &str) -> Option<Vec<u8>> {
-    let input = input.trim_end_matches('=');
-    if input.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(input.len() * 3 / 4);
-    let mut buffer = 0u32;
-    let mut bits = 0;
-    for byte in input.bytes() {
-        let value = match byte {
-            b'A'..=b'Z' => byte - b'A',
-            b'a'..=b'z' => byte - b'a' + 26,
-            b'0'..=b'9' => byte - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => return None,
-        };
-        buffer = buffer << 6 | u32::from(value);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-            buffer &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
+/// Decode base64url without padding (JWT segments). `None` on any invalid input. The decoder is
+/// the challenge reader's, which also reads the standard alphabet (claims challenges use both).
+pub(crate) use crate::challenge::decode_base64 as base64url_decode;
 
 #[cfg(test)]
 mod tests {

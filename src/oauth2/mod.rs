@@ -161,6 +161,30 @@ impl fmt::Debug for Client {
     }
 }
 
+/// The form fields of a token request for `request`: the grant's own `fields`, then its
+/// `configured` parameters, the configured `scope` replaced by the one `request` asks for (a
+/// step-up), then the `claims` `request` carries (what MSAL sends for continuous access
+/// evaluation). One place for every grant.
+pub(crate) fn request_fields<'a>(
+    mut fields: Vec<(&'a str, &'a str)>,
+    configured: impl IntoIterator<Item = (&'a str, &'a str)>,
+    request: &'a crate::TokenRequest,
+) -> Vec<(&'a str, &'a str)> {
+    let scope = request.scope();
+    fields.extend(
+        configured
+            .into_iter()
+            .filter(|(name, _)| scope.is_none() || *name != "scope"),
+    );
+    if let Some(scope) = scope {
+        fields.push(("scope", scope));
+    }
+    if let Some(claims) = request.claims() {
+        fields.push(("claims", claims));
+    }
+    fields
+}
+
 /// A token request: `POST` of a form, with the client authenticated as configured.
 pub(crate) fn token_request(
     endpoint: &Uri,

@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime};
 
 use super::refresh_token::{Fallback, RefreshTokenGrant};
 use super::transport::{send, HttpTransport};
-use super::{token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
+use super::{request_fields, token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::AuthError;
-use crate::provider::{ProviderFuture, TokenProvider};
+use crate::provider::{ProviderFuture, TokenProvider, TokenRequest};
 use crate::Token;
 
 /// Fetches tokens with a username and password (RFC 6749 section 4.3), then refreshes them with
@@ -53,13 +53,14 @@ pub(crate) struct PasswordExchange {
 }
 
 impl PasswordExchange {
-    pub(crate) async fn request_token(&self) -> Result<Token, AuthError> {
-        let mut params: Vec<(&str, &str)> = vec![
+    pub(crate) async fn request_token(&self, wanted: &TokenRequest) -> Result<Token, AuthError> {
+        let fields = vec![
             ("grant_type", "password"),
-            ("username", &self.username),
+            ("username", self.username.as_str()),
             ("password", self.password.expose()),
         ];
-        params.extend(self.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let configured = self.params.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let params = request_fields(fields, configured, wanted);
         let request = token_request(&self.endpoint.uri, &self.endpoint.client, &params)?;
         let answer = send(&self.endpoint.transport, request).await?;
         super::response::token_from(&answer, SystemTime::now())
@@ -118,6 +119,10 @@ impl PasswordGrant {
 impl TokenProvider for PasswordGrant {
     fn fetch_token(&self) -> ProviderFuture {
         self.grant.fetch_token()
+    }
+
+    fn fetch_token_for(&self, request: &TokenRequest) -> ProviderFuture {
+        self.grant.fetch_token_for(request)
     }
 }
 

@@ -13,9 +13,9 @@ use tracing::Instrument;
 use super::client_credentials::ClientCredentials;
 use super::password::PasswordExchange;
 use super::transport::{send, HttpTransport};
-use super::{token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
+use super::{request_fields, token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::{AuthError, ErrorCode};
-use crate::provider::{ProviderFuture, TokenProvider};
+use crate::provider::{ProviderFuture, TokenProvider, TokenRequest};
 use crate::Token;
 
 /// Fetches tokens with a refresh token, and keeps the new refresh token the server returns
@@ -97,10 +97,10 @@ impl Fallback {
         }
     }
 
-    async fn request_token(&self) -> Result<Token, AuthError> {
+    async fn request_token(&self, wanted: &TokenRequest) -> Result<Token, AuthError> {
         match &self.0 {
-            FallbackGrant::ClientCredentials(grant) => grant.request_token().await,
-            FallbackGrant::Password(exchange) => exchange.request_token().await,
+            FallbackGrant::ClientCredentials(grant) => grant.request_token_for(wanted).await,
+            FallbackGrant::Password(exchange) => exchange.request_token(wanted).await,
         }
     }
 }
@@ -155,14 +155,22 @@ impl RefreshTokenGrant {
     /// runtime is running; otherwise inline) so that dropping the returned future does not
     /// lose a rotated refresh token.
     pub async fn request_token(&self) -> Result<Token, AuthError> {
+        self.request_token_for(&TokenRequest::default()).await
+    }
+
+    /// [`request_token`](Self::request_token) for a token that satisfies `wanted`: its scope
+    /// replaces the configured one, its claims go as the `claims` parameter (of the fallback's
+    /// request too).
+    pub async fn request_token_for(&self, wanted: &TokenRequest) -> Result<Token, AuthError> {
         // Taken before spawning: a caller that leaves while waiting for its turn sends nothing.
         let current = self.inner.refresh_token.clone().lock_owned().await;
         let this = self.clone();
+        let wanted = wanted.clone();
         let limit = self.inner.request_timeout;
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 let exchange = async move {
-                    tokio::time::timeout(limit, this.exchange(current))
+                    tokio::time::timeout(limit, this.exchange(current, &wanted))
                         .await
                         .unwrap_or(Err(AuthError::RefreshTimeout { timeout: limit }))
                 };
@@ -180,7 +188,7 @@ impl RefreshTokenGrant {
             }
             // Outside Tokio there is no task to detach nor a timer: the caller drives it, and
             // dropping it mid-request may lose a rotation (the fallback then recovers).
-            Err(_) => this.exchange(current).await,
+            Err(_) => this.exchange(current, &wanted).await,
         }
     }
 
@@ -188,18 +196,20 @@ impl RefreshTokenGrant {
     async fn exchange(
         &self,
         mut current: OwnedMutexGuard<Option<Secret>>,
+        wanted: &TokenRequest,
     ) -> Result<Token, AuthError> {
         let inner = &self.inner;
         let Some(refresh_token) = current.clone() else {
-            return self.fall_back(&mut current, Why::NoRefreshToken).await;
+            return self
+                .fall_back(&mut current, Why::NoRefreshToken, wanted)
+                .await;
         };
-        let mut params = vec![
+        let fields = vec![
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose()),
         ];
-        if let Some(scope) = &inner.scope {
-            params.push(("scope", scope));
-        }
+        let configured = inner.scope.as_deref().map(|scope| ("scope", scope));
+        let params = request_fields(fields, configured, wanted);
         let request = token_request(&inner.endpoint.uri, &inner.endpoint.client, &params)?;
         let answer = send(&inner.endpoint.transport, request).await?;
         match super::response::token_from(&answer, SystemTime::now()) {
@@ -213,7 +223,7 @@ impl RefreshTokenGrant {
                 // The refresh token is dead; never send it again.
                 *current = None;
                 match &self.inner.fallback {
-                    Some(_) => self.fall_back(&mut current, Why::Rejected).await,
+                    Some(_) => self.fall_back(&mut current, Why::Rejected, wanted).await,
                     None => Err(error),
                 }
             }
@@ -222,7 +232,12 @@ impl RefreshTokenGrant {
     }
 
     /// The fallback grant instead; a refresh token in its answer is kept for next time.
-    async fn fall_back(&self, current: &mut Option<Secret>, why: Why) -> Result<Token, AuthError> {
+    async fn fall_back(
+        &self,
+        current: &mut Option<Secret>,
+        why: Why,
+        wanted: &TokenRequest,
+    ) -> Result<Token, AuthError> {
         let Some(fallback) = &self.inner.fallback else {
             return Err(AuthError::NoRefreshToken);
         };
@@ -235,7 +250,7 @@ impl RefreshTokenGrant {
             }
             _ => tracing::warn!(reason = why.text(), "falling back to the {grant} grant"),
         }
-        let token = fallback.request_token().await?;
+        let token = fallback.request_token(wanted).await?;
         if let Some(refresh_token) = token.refresh_token() {
             *current = Some(Secret::new(refresh_token));
         }
@@ -283,9 +298,14 @@ impl RefreshTokenGrant {
 
 impl TokenProvider for RefreshTokenGrant {
     fn fetch_token(&self) -> ProviderFuture {
+        self.fetch_token_for(&TokenRequest::default())
+    }
+
+    fn fetch_token_for(&self, request: &TokenRequest) -> ProviderFuture {
         let this = self.clone();
+        let request = request.clone();
         Box::pin(async move {
-            this.request_token()
+            this.request_token_for(&request)
                 .await
                 .map_err(|error| -> tower::BoxError { Box::new(error) })
         })

@@ -21,6 +21,11 @@ use tokio::time::Instant;
 use super::idp::TokenRegistry;
 use crate::ReplayBody;
 
+/// The claims `GET /needs-claims` asks for, before base64: the shape of Microsoft Entra's
+/// continuous access evaluation challenge.
+pub const CLAIMS_CHALLENGE: &str =
+    r#"{"access_token":{"nbf":{"essential":true,"value":"1700000000"}}}"#;
+
 /// Counters of what reached the API.
 #[derive(Debug, Default)]
 pub struct ApiCounters {
@@ -97,8 +102,17 @@ struct RateWindow {
 ///   headers) is read before the token is checked.
 /// - `POST /reject-early`: 401 at once, without reading the body.
 /// - `GET /always-401`: 401 whatever the token.
-/// - `GET /needs-scope`: 401 with `WWW-Authenticate: Bearer error="insufficient_scope"` for a
-///   valid token (a missing or expired one gets the usual `invalid_token` 401).
+/// - `GET /needs-scope`: 401 with `WWW-Authenticate: Bearer error="insufficient_scope",
+///   scope="admin"` for a valid token whose scope (the `scope` of its token request, see
+///   [`TokenRegistry::scope_of`]) lacks `admin`; 200 with the token as the body for one that has
+///   it. A missing or expired token gets the usual `invalid_token` 401.
+/// - `GET /needs-scope-403`: the same, answered 403 as RFC 6750 section 3.1 says.
+/// - `GET /needs-claims`: for a valid token issued without claims, 401 with
+///   `WWW-Authenticate: Bearer error="insufficient_claims", claims="<base64>"`, the JSON
+///   [`CLAIMS_CHALLENGE`] in standard base64 (the shape of Microsoft Entra's continuous access
+///   evaluation); 200 with the token as the body for a token issued for a request that carried
+///   `claims` ([`TokenRegistry::issued_with_claims`]). A `POST` to any of the three gets its
+///   body back instead of the token, once the token is accepted.
 /// - `GET /redirect?to=<url>`: 302 to `<url>`, whatever the token.
 /// - anything else: 200 with the accepted token as the body.
 ///
@@ -388,14 +402,40 @@ where
         }
         return response;
     };
-    if path == "/needs-scope" {
-        // A valid token that lacks the scope this resource wants (RFC 6750 section 3.1), sent
-        // as a 401 the way some APIs do.
-        let mut response = respond(StatusCode::UNAUTHORIZED, "insufficient scope");
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(r#"Bearer error="insufficient_scope", scope="admin""#),
+    if path == "/needs-scope" || path == "/needs-scope-403" {
+        let has_admin = state
+            .registry
+            .scope_of(token)
+            .is_some_and(|scope| scope.split(' ').any(|scope| scope == "admin"));
+        if !has_admin {
+            // A valid token that lacks the scope this resource wants (RFC 6750 section 3.1),
+            // sent as a 401 the way some APIs do, or as the 403 the RFC says.
+            let status = if path == "/needs-scope" {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            let mut response = respond(status, "insufficient scope");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer error="insufficient_scope", scope="admin""#),
+            );
+            return response;
+        }
+    }
+    if path == "/needs-claims" && !state.registry.issued_with_claims(token) {
+        // A valid token issued before a policy change (continuous access evaluation): the API
+        // asks for a new one that satisfies these claims.
+        let challenge = format!(
+            r#"Bearer realm="", error="insufficient_claims", claims="{}""#,
+            crate::oauth2::form::base64(CLAIMS_CHALLENGE.as_bytes())
         );
+        let mut response = respond(StatusCode::UNAUTHORIZED, "insufficient claims");
+        if let Ok(value) = HeaderValue::from_str(&challenge) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
         return response;
     }
     let token = token.to_owned();
@@ -410,10 +450,12 @@ where
     }
     let query = request.uri().query().unwrap_or("").to_owned();
     match path.as_str() {
-        "/echo" | "/upload" => match request.into_body().collect().await {
-            Ok(body) => respond(StatusCode::OK, body.to_bytes()),
-            Err(_) => respond(StatusCode::BAD_REQUEST, "body failed"),
-        },
+        "/echo" | "/upload" => echo(request).await,
+        "/needs-scope" | "/needs-scope-403" | "/needs-claims"
+            if request.method() == http::Method::POST =>
+        {
+            echo(request).await
+        }
         "/contacts" => contacts_page(state, &query),
         "/users" => users_page(state, &query),
         "/conversations/query" => match request.into_body().collect().await {
@@ -424,6 +466,17 @@ where
         "/items" => items_page(state, &query),
         // Which token was accepted, so tests can tell the generations apart.
         _ => respond(StatusCode::OK, token),
+    }
+}
+
+/// The request's body back.
+async fn echo<B>(request: Request<B>) -> Response<Full<Bytes>>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    match request.into_body().collect().await {
+        Ok(body) => respond(StatusCode::OK, body.to_bytes()),
+        Err(_) => respond(StatusCode::BAD_REQUEST, "body failed"),
     }
 }
 

@@ -1,5 +1,6 @@
 //! An identity provider on loopback: `POST /token` (client credentials) issues tokens that expire
-//! on the server's side, and a [`TokenRegistry`] the [`Api`](super::api::Api) checks them in.
+//! on the server's side, and a [`TokenRegistry`] the [`Api`](super::api::Api) checks them in,
+//! with the scope and claims each was issued for.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -18,7 +19,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::api::{lock, respond, serve};
-use crate::{provider_fn, AuthError, Token, TokenProvider};
+use crate::oauth2::form::urlencode;
+use crate::{AuthError, ProviderFuture, Token, TokenProvider, TokenRequest};
 
 /// Tokens the identity provider issued, with their server-side expiry, shared with the API.
 ///
@@ -26,8 +28,18 @@ use crate::{provider_fn, AuthError, Token, TokenProvider};
 /// [`Api::start`](super::api::Api::start).
 #[derive(Clone, Default)]
 pub struct TokenRegistry {
-    tokens: Arc<Mutex<HashMap<String, Option<Instant>>>>,
+    tokens: Arc<Mutex<HashMap<String, Issued>>>,
     rejected: Arc<Mutex<HashSet<String>>>,
+}
+
+/// What the registry knows of one token.
+#[derive(Clone, Debug, Default)]
+struct Issued {
+    expires_at: Option<Instant>,
+    /// The `scope` of the token request, if it named one.
+    scope: Option<String>,
+    /// Whether the token request carried `claims`.
+    with_claims: bool,
 }
 
 impl std::fmt::Debug for TokenRegistry {
@@ -44,7 +56,29 @@ impl TokenRegistry {
     /// Record `token` as issued, valid until `expires_at` (`None`: forever): for a test that
     /// issues its own tokens, many of them, without a token request each.
     pub fn issue(&self, token: String, expires_at: Option<Instant>) {
-        lock(&self.tokens).insert(token, expires_at);
+        self.record(
+            token,
+            Issued {
+                expires_at,
+                ..Issued::default()
+            },
+        );
+    }
+
+    fn record(&self, token: String, issued: Issued) {
+        lock(&self.tokens).insert(token, issued);
+    }
+
+    /// The scope `token` was issued for (the token request's `scope`), if any.
+    pub fn scope_of(&self, token: &str) -> Option<String> {
+        lock(&self.tokens).get(token)?.scope.clone()
+    }
+
+    /// Whether `token` was issued for a request that carried `claims` (a claims challenge's).
+    pub fn issued_with_claims(&self, token: &str) -> bool {
+        lock(&self.tokens)
+            .get(token)
+            .is_some_and(|issued| issued.with_claims)
     }
 
     /// How many distinct tokens the API turned away as expired (or unknown).
@@ -58,8 +92,11 @@ impl TokenRegistry {
 
     /// Whether `token` was issued and has not expired.
     pub fn is_valid(&self, token: &str) -> bool {
-        match lock(&self.tokens).get(token) {
-            Some(Some(expires_at)) => Instant::now() < *expires_at,
+        match lock(&self.tokens)
+            .get(token)
+            .map(|issued| issued.expires_at)
+        {
+            Some(Some(expires_at)) => Instant::now() < expires_at,
             Some(None) => true,
             None => false,
         }
@@ -68,7 +105,10 @@ impl TokenRegistry {
     /// The server-side expiry of every token still on record (`None`: never expires), earliest
     /// first.
     pub fn expiries(&self) -> Vec<Option<Instant>> {
-        let mut expiries: Vec<_> = lock(&self.tokens).values().copied().collect();
+        let mut expiries: Vec<_> = lock(&self.tokens)
+            .values()
+            .map(|issued| issued.expires_at)
+            .collect();
         expiries.sort();
         expiries
     }
@@ -97,6 +137,8 @@ pub enum IdpMode {
 struct IdpState {
     registry: TokenRegistry,
     token_requests: AtomicUsize,
+    /// Token requests that carried `claims`.
+    claims_requests: AtomicUsize,
     ttl: Mutex<Option<Duration>>,
     announce_expiry: AtomicBool,
     mode: Mutex<IdpMode>,
@@ -109,6 +151,10 @@ struct IdpState {
 /// An OAuth2 token endpoint on `127.0.0.1`: `POST /token` with
 /// `grant_type=client_credentials` answers
 /// `{"access_token": "token-<n>", "token_type": "Bearer", "expires_in": <seconds>}`.
+///
+/// A `scope` parameter is recorded as the token's scope and a `claims` parameter (a claims
+/// challenge's, see [`TokenRequest`]) as satisfied, in the
+/// [`TokenRegistry`], for the [`Api`](super::api::Api)'s `/needs-scope` and `/needs-claims`.
 ///
 /// It accepts any client id and secret: it exists to issue tokens that expire, and to count the
 /// requests for them. It runs on hyper in the caller's Tokio runtime, so a test on a paused clock
@@ -163,6 +209,7 @@ impl IdentityProvider {
         let state = Arc::new(IdpState {
             registry,
             token_requests: AtomicUsize::new(0),
+            claims_requests: AtomicUsize::new(0),
             ttl: Mutex::new(ttl),
             announce_expiry: AtomicBool::new(true),
             mode: Mutex::new(IdpMode::Issue),
@@ -182,6 +229,11 @@ impl IdentityProvider {
     /// Token requests that reached the endpoint, whatever the answer.
     pub fn token_requests(&self) -> usize {
         self.state.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Token requests that carried a `claims` parameter, whatever the answer.
+    pub fn claims_requests(&self) -> usize {
+        self.state.claims_requests.load(Ordering::SeqCst)
     }
 
     /// How the next token requests are answered (default: [`IdpMode::Issue`]).
@@ -221,11 +273,18 @@ async fn handle(
     }
     let form = request.into_body().collect().await.map(|b| b.to_bytes());
     let n = state.token_requests.fetch_add(1, Ordering::SeqCst) + 1;
-    let grant_ok = form.as_ref().is_ok_and(|form| {
-        form.windows(29)
-            .any(|w| w == b"grant_type=client_credentials")
-    });
-    if !grant_ok {
+    let fields = form.as_deref().map(form_fields).unwrap_or_default();
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(field, _)| field == name)
+            .map(|(_, value)| value.clone())
+    };
+    let with_claims = field("claims").is_some();
+    if with_claims {
+        state.claims_requests.fetch_add(1, Ordering::SeqCst);
+    }
+    if field("grant_type").as_deref() != Some("client_credentials") {
         return Ok(respond(
             StatusCode::BAD_REQUEST,
             r#"{"error":"unsupported_grant_type"}"#,
@@ -256,9 +315,14 @@ async fn handle(
     }
     let token = format!("{}-{n}", lock(&state.prefix));
     let ttl = *lock(&state.ttl);
-    state
-        .registry
-        .issue(token.clone(), ttl.map(|ttl| Instant::now() + ttl));
+    state.registry.record(
+        token.clone(),
+        Issued {
+            expires_at: ttl.map(|ttl| Instant::now() + ttl),
+            scope: field("scope"),
+            with_claims,
+        },
+    );
     let expires_in = match ttl {
         Some(ttl) if state.announce_expiry.load(Ordering::SeqCst) => {
             format!(r#","expires_in":{}"#, ttl.as_secs_f64())
@@ -274,9 +338,37 @@ async fn handle(
     Ok(response)
 }
 
+/// The fields of an `application/x-www-form-urlencoded` body, decoded (`+` is a space, `%XX` a
+/// byte); a field that does not decode to UTF-8 is left out.
+fn form_fields(body: &[u8]) -> Vec<(String, String)> {
+    fn decode(text: &[u8]) -> Option<String> {
+        let mut out = Vec::with_capacity(text.len());
+        let mut bytes = text.iter();
+        while let Some(&byte) = bytes.next() {
+            match byte {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let hex = [*bytes.next()?, *bytes.next()?];
+                    out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+                }
+                other => out.push(other),
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+    body.split(|&byte| byte == b'&')
+        .filter_map(|pair| {
+            let at = pair.iter().position(|&byte| byte == b'=')?;
+            Some((decode(&pair[..at])?, decode(&pair[at + 1..])?))
+        })
+        .collect()
+}
+
 /// A token provider that asks `idp` over HTTP (client credentials, a hand-written request) and
-/// reads its JSON answer: the smallest provider that goes through the network. Against a real
-/// endpoint, use [`oauth2::ClientCredentials`](crate::oauth2::ClientCredentials).
+/// reads its JSON answer: the smallest provider that goes through the network. It sends the
+/// scope and claims of a [`TokenRequest`]
+/// ([`TokenProvider::fetch_token_for`]) as form parameters. Against a real endpoint, use
+/// [`oauth2::ClientCredentials`](crate::oauth2::ClientCredentials).
 pub fn http_provider(idp: &IdentityProvider) -> impl TokenProvider {
     http_provider_at(idp.token_url())
 }
@@ -286,17 +378,36 @@ pub fn http_provider(idp: &IdentityProvider) -> impl TokenProvider {
 /// A 429 becomes [`AuthError::Throttled`] with its `Retry-After`, so the cache waits as long as
 /// the endpoint asked.
 pub fn http_provider_at(url: String) -> impl TokenProvider {
-    let http: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    provider_fn(move || {
-        let http = http.clone();
-        let url = url.clone();
-        async move {
+    HttpProvider {
+        http: Client::builder(TokioExecutor::new()).build_http(),
+        url,
+    }
+}
+
+struct HttpProvider {
+    http: Client<HttpConnector, Full<Bytes>>,
+    url: String,
+}
+
+impl TokenProvider for HttpProvider {
+    fn fetch_token(&self) -> ProviderFuture {
+        self.fetch_token_for(&TokenRequest::default())
+    }
+
+    fn fetch_token_for(&self, wanted: &TokenRequest) -> ProviderFuture {
+        let http = self.http.clone();
+        let url = self.url.clone();
+        let mut form =
+            "grant_type=client_credentials&client_id=batch&client_secret=s3cr3t".to_owned();
+        for (name, value) in [("scope", wanted.scope()), ("claims", wanted.claims())] {
+            if let Some(value) = value {
+                form.push_str(&format!("&{name}={}", urlencode(value)));
+            }
+        }
+        Box::pin(async move {
             let request = Request::post(url)
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(Full::from(
-                    "grant_type=client_credentials&client_id=batch&client_secret=s3cr3t",
-                ))?;
+                .body(Full::from(form))?;
             let response = http.request(request).await?;
             let status = response.status();
             let retry_after = response
@@ -316,8 +427,8 @@ pub fn http_provider_at(url: String) -> impl TokenProvider {
                 return Err(format!("token endpoint answered {status}").into());
             }
             parse_token_response(&body)
-        }
-    })
+        })
+    }
 }
 
 /// Read `access_token` and `expires_in` from a token endpoint's JSON answer.

@@ -38,7 +38,7 @@ pub mod genesys;
 pub mod idp;
 mod server;
 
-pub use api::{client, client_h2, Api, ApiCounters};
+pub use api::{client, client_h2, Api, ApiCounters, CLAIMS_CHALLENGE};
 pub use idp::{
     http_provider, http_provider_at, parse_token_response, IdentityProvider, IdpMode, TokenRegistry,
 };
