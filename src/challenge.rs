@@ -440,7 +440,7 @@ mod tests {
         // Several headers; an error in another scheme's challenge is not ours.
         assert_eq!(
             demand(&[
-                r#"DPoP error="insufficient_scope", scope="x""#,
+                r#"Basic error="insufficient_scope", scope="x""#,
                 r#"Bearer realm="api""#,
                 r#"Bearer error="insufficient_claims", claims="eyJhIjoxfQ==""#,
             ]),
