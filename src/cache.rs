@@ -1247,6 +1247,38 @@ mod tests {
         assert_eq!(cache.token().await.unwrap().secret(), "ok");
     }
 
+    /// A service's view of the token follows every change of the cache at its next request.
+    #[tokio::test]
+    async fn a_view_sees_each_new_token_at_its_next_request() {
+        async fn generation(cache: &TokenCache, view: &mut TokenView) -> (bool, u64) {
+            match cache.acquire_with(view) {
+                Acquire::Ready(credential) => (true, credential.generation),
+                Acquire::Wait(wait) => (false, wait.await.unwrap().generation),
+                Acquire::Failed(error) => panic!("{error}"),
+            }
+        }
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let cache = TokenCache::builder(provider_fn(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, std::io::Error>(Token::new(format!("token-{n}"))) }
+        }))
+        // Every 401 here is an expiry.
+        .rejection_cooldown(Duration::ZERO)
+        .build();
+        // Made before there is a token, as a layer's service is.
+        let mut view = cache.view();
+        assert_eq!(generation(&cache, &mut view).await, (false, 1));
+        assert_eq!(generation(&cache, &mut view).await, (true, 1));
+        assert_eq!(cache.invalidate(1), Rejection::Invalidated);
+        assert_eq!(generation(&cache, &mut view).await, (false, 2));
+        // A token installed by someone else (another view, the cache itself) is seen too.
+        assert_eq!(cache.invalidate(2), Rejection::Invalidated);
+        assert_eq!(cache.token().await.unwrap().secret(), "token-3");
+        assert_eq!(generation(&cache, &mut view).await, (true, 3));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
     #[test]
     fn no_runtime_is_a_typed_error() {
         let (cache, _) = counting(None);
