@@ -280,6 +280,25 @@ pub(crate) enum Acquire {
     Failed(AuthError),
 }
 
+/// One service's copy of the current token (arc-swap's `Cache`): a request checks that the
+/// shared token did not change with one relaxed load, where an `ArcSwap` load costs a debt slot
+/// taken and paid back. Any change (a refresh, an invalidation) is seen by the next request; the
+/// copy keeps the token it last saw alive until then.
+#[derive(Clone)]
+pub(crate) struct TokenView(arc_swap::Cache<SharedCurrent, Option<Arc<Entry>>>);
+
+/// The cache's current-token slot, owned, as `arc_swap::Cache` needs it.
+#[derive(Clone)]
+pub(crate) struct SharedCurrent(Arc<CacheShared>);
+
+impl std::ops::Deref for SharedCurrent {
+    type Target = ArcSwapOption<Entry>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0.current
+    }
+}
+
 /// Waits for the in-flight refresh. Dropping it does not cancel the refresh.
 pub(crate) struct RefreshWait {
     refresh: RefreshFuture,
@@ -592,31 +611,60 @@ impl TokenCache {
     }
 
     /// The credential for the next request: the hot path.
+    #[inline]
     pub(crate) fn acquire(&self) -> Acquire {
-        {
-            let current = self.shared.current.load();
-            if let Some(entry) = current.as_deref() {
-                let freshness = if entry.stale_at.is_none() {
-                    Freshness::Fresh
-                } else {
-                    entry.freshness(Instant::now())
-                };
-                match freshness {
-                    Freshness::Fresh => return Acquire::Ready(entry.credential()),
-                    Freshness::Advisory => {
-                        if !self.shared.refreshing.load(Ordering::Relaxed) {
-                            self.refresh_in_background(entry.generation);
-                        }
-                        return Acquire::Ready(entry.credential());
-                    }
-                    Freshness::Stale => {}
-                }
-            }
+        if let Some(ready) = self.ready(self.shared.current.load().as_deref()) {
+            return ready;
         }
         self.acquire_slow()
     }
 
+    /// [`acquire`](Self::acquire) through a service's own [`TokenView`] of this cache.
+    #[inline]
+    pub(crate) fn acquire_with(&self, view: &mut TokenView) -> Acquire {
+        if let Some(ready) = self.ready(view.0.load().as_deref()) {
+            return ready;
+        }
+        self.acquire_slow()
+    }
+
+    /// A view of the current token for one service: see [`TokenView`].
+    pub(crate) fn view(&self) -> TokenView {
+        TokenView(arc_swap::Cache::new(SharedCurrent(self.shared.clone())))
+    }
+
+    /// The credential `current` gives without waiting, if it is fresh enough; `None` sends the
+    /// caller to the slow path.
+    #[inline]
+    fn ready(&self, current: Option<&Entry>) -> Option<Acquire> {
+        let entry = current?;
+        let freshness = if entry.stale_at.is_none() {
+            // No expiry, no clock read.
+            Freshness::Fresh
+        } else {
+            let now = Instant::now();
+            match entry.advisory_at {
+                // Most requests come before the advisory window (which starts no later than
+                // the stale point): one comparison.
+                Some(advisory_at) if now < advisory_at => Freshness::Fresh,
+                _ => entry.freshness(now),
+            }
+        };
+        match freshness {
+            Freshness::Fresh => {}
+            Freshness::Advisory => {
+                if !self.shared.refreshing.load(Ordering::Relaxed) {
+                    self.refresh_in_background(entry.generation);
+                }
+            }
+            Freshness::Stale => return None,
+        }
+        Some(Acquire::Ready(entry.credential()))
+    }
+
     /// The current token is missing or stale: join the refresh, or start it.
+    #[cold]
+    #[inline(never)]
     fn acquire_slow(&self) -> Acquire {
         let mut state = self.lock_state();
         let now = Instant::now();
@@ -1268,6 +1316,38 @@ mod tests {
             Err(AuthError::ProviderPanicked)
         ));
         assert_eq!(cache.token().await.unwrap().secret(), "ok");
+    }
+
+    /// A service's view of the token follows every change of the cache at its next request.
+    #[tokio::test]
+    async fn a_view_sees_each_new_token_at_its_next_request() {
+        async fn generation(cache: &TokenCache, view: &mut TokenView) -> (bool, u64) {
+            match cache.acquire_with(view) {
+                Acquire::Ready(credential) => (true, credential.generation),
+                Acquire::Wait(wait) => (false, wait.await.unwrap().generation),
+                Acquire::Failed(error) => panic!("{error}"),
+            }
+        }
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let cache = TokenCache::builder(provider_fn(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, std::io::Error>(Token::new(format!("token-{n}"))) }
+        }))
+        // Every 401 here is an expiry.
+        .rejection_cooldown(Duration::ZERO)
+        .build();
+        // Made before there is a token, as a layer's service is.
+        let mut view = cache.view();
+        assert_eq!(generation(&cache, &mut view).await, (false, 1));
+        assert_eq!(generation(&cache, &mut view).await, (true, 1));
+        assert_eq!(cache.invalidate(1), Rejection::Invalidated);
+        assert_eq!(generation(&cache, &mut view).await, (false, 2));
+        // A token installed by someone else (another view, the cache itself) is seen too.
+        assert_eq!(cache.invalidate(2), Rejection::Invalidated);
+        assert_eq!(cache.token().await.unwrap().secret(), "token-3");
+        assert_eq!(generation(&cache, &mut view).await, (true, 3));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     #[test]

@@ -401,7 +401,7 @@ where
         // (tower's `mem::replace` idiom).
         let clone = self.inner.clone();
         let ready = mem::replace(&mut self.inner, clone);
-        AuthService::new(ready, settings, self.inner_body.clone())
+        AuthService::for_one_call(ready, settings, self.inner_body.clone())
             .call(Request::from_parts(parts, body))
     }
 }

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::cache::Acquire;
+use crate::cache::{Acquire, TokenView};
 use crate::future::ResponseFuture;
 use crate::inner_body::{IntoInnerBody, Unchanged};
 use crate::layer::{AuthSettings, ExistingAuthorization};
@@ -27,14 +27,30 @@ pub struct AuthService<S, I = Unchanged> {
     inner: S,
     settings: Arc<AuthSettings>,
     inner_body: I,
+    // This service's copy of the cache's current token, cheaper to check than the cache itself
+    // on every request; `None` for a service built for a single call.
+    view: Option<TokenView>,
 }
 
 impl<S, I> AuthService<S, I> {
     pub(crate) fn new(inner: S, settings: Arc<AuthSettings>, inner_body: I) -> Self {
+        let view = Some(settings.cache.view());
         Self {
             inner,
             settings,
             inner_body,
+            view,
+        }
+    }
+
+    /// A service for one call (a keyed layer builds one per request): a view of the token
+    /// would cost more to make than it saves.
+    pub(crate) fn for_one_call(inner: S, settings: Arc<AuthSettings>, inner_body: I) -> Self {
+        Self {
+            inner,
+            settings,
+            inner_body,
+            view: None,
         }
     }
 
@@ -60,6 +76,7 @@ impl<S: Clone, I: Clone> Clone for AuthService<S, I> {
             inner: self.inner.clone(),
             settings: self.settings.clone(),
             inner_body: self.inner_body.clone(),
+            view: self.view.clone(),
         }
     }
 }
@@ -106,7 +123,7 @@ where
             Entry::Occupied(_) if settings.existing == ExistingAuthorization::Keep => {
                 return ResponseFuture::passthrough(&mut self.inner, &self.inner_body, parts, body);
             }
-            entry => match settings.cache.acquire() {
+            entry => match acquire(settings, &mut self.view) {
                 Acquire::Ready(credential) => {
                     match entry {
                         Entry::Occupied(mut occupied) => {
@@ -135,48 +152,64 @@ where
             Err(_) => None,
         };
 
-        // Recorded even when `replay_when` refuses the 401 replay: a retry layer below sends
-        // the body again through the same recording. A `Full` body costs one `Bytes` clone.
-        let body = ReplayBody::for_request(&parts.headers, body, settings.max_replay_body);
+        // Asked before the body is wrapped: a refused request keeps no copy of its head.
         let replay_allowed = settings
             .replay_if
             .as_ref()
             .is_none_or(|allow| allow(&parts));
+        // Recorded even when `replay_when` refuses the 401 replay: a retry layer below sends
+        // the body again through the same recording. A `Full` body costs one `Bytes` clone.
+        let body = ReplayBody::for_request(&parts.headers, body, settings.max_replay_body);
         let replay = if replay_allowed {
             ReplayRequest::new(&parts, &body)
         } else {
             Err(NotReplayable::Refused)
         };
-        let request = Request::from_parts(parts, self.inner_body.convert(body));
+        let settings = self.settings.clone();
+        let inner_body = self.inner_body.clone();
+        let body = inner_body.convert(body);
 
-        match acquired {
-            Ok(generation) => {
-                // A replay needs the service again: keep the one that is ready for this call
-                // and leave a fresh clone behind (tower's `mem::replace` idiom).
-                let mut service = replay.is_ok().then(|| self.take_ready_service());
-                let future = match service.as_mut() {
-                    Some(service) => service.call(request),
-                    None => self.inner.call(request),
-                };
-                ResponseFuture::first_attempt(
-                    future,
-                    service,
+        let generation = match acquired {
+            Ok(generation) => generation,
+            Err(wait) => {
+                return ResponseFuture::waiting_for_token(
+                    wait,
+                    Request::from_parts(parts, body),
+                    self.take_ready_service(),
                     replay,
-                    generation,
-                    self.settings.clone(),
-                    self.inner_body.clone(),
-                    dpop,
+                    settings,
+                    inner_body,
                 )
             }
-            Err(wait) => ResponseFuture::waiting_for_token(
-                wait,
-                request,
-                self.take_ready_service(),
-                replay,
-                self.settings.clone(),
-                self.inner_body.clone(),
-            ),
+        };
+        // The request is built where it is handed over, so that it is not moved once more.
+        if replay.is_err() {
+            let future = self.inner.call(Request::from_parts(parts, body));
+            return ResponseFuture::first_attempt(
+                future, None, replay, generation, settings, inner_body, dpop,
+            );
         }
+        // A replay needs the service again: keep the one that is ready for this call and leave
+        // a fresh clone behind (tower's `mem::replace` idiom).
+        let mut service = self.take_ready_service();
+        let future = service.call(Request::from_parts(parts, body));
+        ResponseFuture::first_attempt(
+            future,
+            Some(service),
+            replay,
+            generation,
+            settings,
+            inner_body,
+            dpop,
+        )
+    }
+}
+
+/// The hot path reads the service's own view of the token when it has one.
+fn acquire(settings: &AuthSettings, view: &mut Option<TokenView>) -> Acquire {
+    match view {
+        Some(view) => settings.cache.acquire_with(view),
+        None => settings.cache.acquire(),
     }
 }
 
