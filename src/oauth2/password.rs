@@ -1,11 +1,11 @@
 //! The resource owner password grant (RFC 6749 section 4.3), kept alive with refresh tokens.
 
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::refresh_token::{Fallback, RefreshTokenGrant};
-use super::transport::{send, HttpTransport};
-use super::{token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
+use super::transport::HttpTransport;
+use super::{Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::AuthError;
 use crate::provider::{ProviderFuture, TokenProvider};
 use crate::Token;
@@ -60,9 +60,7 @@ impl PasswordExchange {
             ("password", self.password.expose()),
         ];
         params.extend(self.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let request = token_request(&self.endpoint.uri, &self.endpoint.client, &params)?;
-        let answer = send(&self.endpoint.transport, request).await?;
-        super::response::token_from(&answer, SystemTime::now())
+        self.endpoint.request_token(&params).await
     }
 }
 
@@ -192,6 +190,16 @@ impl PasswordGrantBuilder {
     /// the password would cross the network in clear text.
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
         self.endpoint.allow_insecure_http = allow;
+        self
+    }
+
+    /// Bind the tokens to `dpop`'s key (RFC 9449): every token request, password and refresh,
+    /// carries a DPoP proof, and only `DPoP` tokens are accepted. Give the same
+    /// [`Dpop`](crate::dpop::Dpop) to the layer, so that one key signs the token requests and
+    /// the API requests. Default: none, bearer tokens.
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, dpop: crate::dpop::Dpop) -> Self {
+        self.endpoint.dpop = Some(dpop);
         self
     }
 
