@@ -82,7 +82,10 @@ pub enum AuthError {
         /// What went wrong, and the start of the body.
         excerpt: String,
     },
-    /// The token endpoint issued a token that is not a bearer token.
+    /// The token endpoint issued a token of another type than the token source asks for:
+    /// `Bearer`, or `DPoP` when it has a DPoP key. A `Bearer` answer to a request with a DPoP
+    /// proof is refused too: the server ignored the proof, and the token would work for whoever
+    /// steals it.
     UnsupportedTokenType {
         /// The `token_type` it sent.
         token_type: String,
@@ -414,7 +417,7 @@ impl fmt::Display for AuthError {
             ),
             AuthError::UnsupportedTokenType { token_type } => write!(
                 f,
-                "the token endpoint issued a {:?} token; only Bearer tokens are supported",
+                "the token endpoint issued a {:?} token, not the type asked for: Bearer, or DPoP when the token source has a DPoP key",
                 Shown(displayable(token_type, MAX_CODE))
             ),
             AuthError::Redirected { status, location } => write!(

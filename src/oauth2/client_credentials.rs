@@ -2,11 +2,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use super::discovery::ProviderMetadata;
-use super::transport::{send, HttpTransport};
-use super::{request_fields, token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
+use super::transport::HttpTransport;
+use super::{request_fields, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::AuthError;
 use crate::provider::{ProviderFuture, TokenProvider, TokenRequest};
 use crate::Token;
@@ -65,6 +64,20 @@ impl ClientCredentials {
             .auth_method(metadata.preferred_client_auth())
     }
 
+    /// The same grant, its token requests proven with `dpop`'s key: a
+    /// [`RefreshTokenGrant`](super::RefreshTokenGrant)'s fallback takes the grant's key.
+    #[cfg(feature = "dpop")]
+    pub(crate) fn with_dpop(&self, dpop: crate::dpop::Dpop) -> Self {
+        let mut endpoint = self.inner.endpoint.clone();
+        endpoint.dpop = Some(dpop);
+        Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                params: self.inner.params.clone(),
+            }),
+        }
+    }
+
     /// Ask the token endpoint for a new token.
     pub async fn request_token(&self) -> Result<Token, AuthError> {
         self.request_token_for(&TokenRequest::default()).await
@@ -81,9 +94,7 @@ impl ClientCredentials {
             configured,
             wanted,
         );
-        let request = token_request(&endpoint.uri, &endpoint.client, &params)?;
-        let answer = send(&endpoint.transport, request).await?;
-        super::response::token_from(&answer, SystemTime::now())
+        endpoint.request_token(&params).await
     }
 }
 
@@ -109,6 +120,7 @@ impl fmt::Debug for ClientCredentials {
             .field("endpoint", &self.inner.endpoint.shown_uri())
             .field("client", &self.inner.endpoint.client)
             .field("params", &self.inner.params)
+            .field("dpop", &self.inner.endpoint.shown_dpop())
             .finish_non_exhaustive()
     }
 }
@@ -147,6 +159,16 @@ impl ClientCredentialsBuilder {
     /// the client secret would cross the network in clear text.
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
         self.endpoint.allow_insecure_http = allow;
+        self
+    }
+
+    /// Bind the tokens to `dpop`'s key (RFC 9449): every token request carries a DPoP proof,
+    /// and only `DPoP` tokens are accepted. Give the same [`Dpop`](crate::dpop::Dpop) to the
+    /// layer, so that one key signs the token requests and the API requests. Default: none,
+    /// bearer tokens.
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, dpop: crate::dpop::Dpop) -> Self {
+        self.endpoint.dpop = Some(dpop);
         self
     }
 

@@ -37,6 +37,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
@@ -44,6 +45,8 @@ use http::{HeaderValue, Request, Uri};
 use http_body_util::Full;
 
 use crate::error::{displayable_url, AuthError};
+use crate::Token;
+use transport::send;
 
 mod client_credentials;
 mod discovery;
@@ -228,6 +231,9 @@ pub(crate) struct EndpointOptions {
     pub(crate) client: Client,
     pub(crate) transport: Option<HttpTransport>,
     pub(crate) allow_insecure_http: bool,
+    /// A DPoP proof on every token request, and `DPoP` tokens only (`None`: bearer tokens).
+    #[cfg(feature = "dpop")]
+    pub(crate) dpop: Option<crate::dpop::Dpop>,
 }
 
 /// [`EndpointOptions`], checked: the URL passed the policy and a transport is chosen.
@@ -236,6 +242,8 @@ pub(crate) struct Endpoint {
     pub(crate) uri: Uri,
     pub(crate) client: Client,
     pub(crate) transport: HttpTransport,
+    #[cfg(feature = "dpop")]
+    pub(crate) dpop: Option<crate::dpop::Dpop>,
 }
 
 impl fmt::Debug for EndpointOptions {
@@ -245,7 +253,18 @@ impl fmt::Debug for EndpointOptions {
             .field("client", &self.client)
             .field("transport", &self.transport)
             .field("allow_insecure_http", &self.allow_insecure_http)
+            .field("dpop", &self.shown_dpop())
             .finish()
+    }
+}
+
+impl EndpointOptions {
+    /// The DPoP key as `Debug` may show it: its thumbprint, never the key.
+    fn shown_dpop(&self) -> Option<&dyn fmt::Debug> {
+        #[cfg(feature = "dpop")]
+        return self.dpop.as_ref().map(|dpop| dpop as &dyn fmt::Debug);
+        #[cfg(not(feature = "dpop"))]
+        None
     }
 }
 
@@ -253,6 +272,54 @@ impl Endpoint {
     /// The token URL as `Debug` may show it: no credentials, no query.
     pub(crate) fn shown_uri(&self) -> String {
         displayable_url(&self.uri.to_string())
+    }
+
+    /// The DPoP key as `Debug` may show it: its thumbprint, never the key.
+    pub(crate) fn shown_dpop(&self) -> Option<&dyn fmt::Debug> {
+        #[cfg(feature = "dpop")]
+        return self.dpop.as_ref().map(|dpop| dpop as &dyn fmt::Debug);
+        #[cfg(not(feature = "dpop"))]
+        None
+    }
+
+    /// One token request with `params`, and the token it is answered with: the send path of
+    /// every grant.
+    ///
+    /// With DPoP the request carries a proof, the nonce of every answer is learned, and a
+    /// refusal for want of a nonce (`use_dpop_nonce`) that brings a new one is answered by one
+    /// resend with a fresh proof. Never more: a second refusal is returned as it is.
+    pub(crate) async fn request_token(&self, params: &[(&str, &str)]) -> Result<Token, AuthError> {
+        #[cfg(feature = "dpop")]
+        if let Some(dpop) = &self.dpop {
+            let (answer, new_nonce) = self.send_proven(dpop, params).await?;
+            let answer = if new_nonce && response::asks_for_nonce(&answer) {
+                self.send_proven(dpop, params).await?.0
+            } else {
+                answer
+            };
+            return response::token_from(&answer, SystemTime::now(), true);
+        }
+        let answer = send(
+            &self.transport,
+            token_request(&self.uri, &self.client, params)?,
+        )
+        .await?;
+        response::token_from(&answer, SystemTime::now(), false)
+    }
+
+    /// Send the token request with a DPoP proof; the answer, and whether it brought a new nonce.
+    #[cfg(feature = "dpop")]
+    async fn send_proven(
+        &self,
+        dpop: &crate::dpop::Dpop,
+        params: &[(&str, &str)],
+    ) -> Result<(transport::Answer, bool), AuthError> {
+        let mut request = token_request(&self.uri, &self.client, params)?;
+        let proof = dpop.proof(&http::Method::POST, &self.uri, None)?;
+        request.headers_mut().insert(crate::dpop::DPOP, proof);
+        let answer = send(&self.transport, request).await?;
+        let new_nonce = dpop.observe(&self.uri, &answer.headers);
+        Ok((answer, new_nonce))
     }
 }
 
@@ -263,6 +330,8 @@ impl EndpointOptions {
             client,
             transport: None,
             allow_insecure_http: false,
+            #[cfg(feature = "dpop")]
+            dpop: None,
         }
     }
 
@@ -282,6 +351,8 @@ impl EndpointOptions {
             uri,
             client: self.client,
             transport,
+            #[cfg(feature = "dpop")]
+            dpop: self.dpop,
         })
     }
 }

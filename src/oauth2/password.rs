@@ -1,11 +1,11 @@
 //! The resource owner password grant (RFC 6749 section 4.3), kept alive with refresh tokens.
 
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::refresh_token::{Fallback, RefreshTokenGrant};
-use super::transport::{send, HttpTransport};
-use super::{request_fields, token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
+use super::transport::HttpTransport;
+use super::{request_fields, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::AuthError;
 use crate::provider::{ProviderFuture, TokenProvider, TokenRequest};
 use crate::Token;
@@ -61,9 +61,7 @@ impl PasswordExchange {
         ];
         let configured = self.params.iter().map(|(k, v)| (k.as_str(), v.as_str()));
         let params = request_fields(fields, configured, wanted);
-        let request = token_request(&self.endpoint.uri, &self.endpoint.client, &params)?;
-        let answer = send(&self.endpoint.transport, request).await?;
-        super::response::token_from(&answer, SystemTime::now())
+        self.endpoint.request_token(&params).await
     }
 }
 
@@ -197,6 +195,16 @@ impl PasswordGrantBuilder {
     /// the password would cross the network in clear text.
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
         self.endpoint.allow_insecure_http = allow;
+        self
+    }
+
+    /// Bind the tokens to `dpop`'s key (RFC 9449): every token request, password and refresh,
+    /// carries a DPoP proof, and only `DPoP` tokens are accepted. Give the same
+    /// [`Dpop`](crate::dpop::Dpop) to the layer, so that one key signs the token requests and
+    /// the API requests. Default: none, bearer tokens.
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, dpop: crate::dpop::Dpop) -> Self {
+        self.endpoint.dpop = Some(dpop);
         self
     }
 

@@ -5,15 +5,15 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tracing::Instrument;
 
 use super::client_credentials::ClientCredentials;
 use super::password::PasswordExchange;
-use super::transport::{send, HttpTransport};
-use super::{request_fields, token_request, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
+use super::transport::HttpTransport;
+use super::{request_fields, Client, ClientAuth, Endpoint, EndpointOptions, Secret};
 use crate::error::{AuthError, ErrorCode};
 use crate::provider::{ProviderFuture, TokenProvider, TokenRequest};
 use crate::Token;
@@ -94,6 +94,18 @@ impl Fallback {
         match &self.0 {
             FallbackGrant::ClientCredentials(_) => "client credentials",
             FallbackGrant::Password(_) => "password",
+        }
+    }
+
+    /// The same fallback, its token requests proven with `dpop`'s key: one key binds every
+    /// token of a grant. The password grant's exchange shares the grant's endpoint already.
+    #[cfg(feature = "dpop")]
+    fn with_dpop(self, dpop: &crate::dpop::Dpop) -> Self {
+        match self.0 {
+            FallbackGrant::ClientCredentials(grant) => Self(FallbackGrant::ClientCredentials(
+                grant.with_dpop(dpop.clone()),
+            )),
+            password @ FallbackGrant::Password(_) => Self(password),
         }
     }
 
@@ -210,9 +222,7 @@ impl RefreshTokenGrant {
         ];
         let configured = inner.scope.as_deref().map(|scope| ("scope", scope));
         let params = request_fields(fields, configured, wanted);
-        let request = token_request(&inner.endpoint.uri, &inner.endpoint.client, &params)?;
-        let answer = send(&inner.endpoint.transport, request).await?;
-        match super::response::token_from(&answer, SystemTime::now()) {
+        match inner.endpoint.request_token(&params).await {
             Ok(token) => {
                 if let Some(rotated) = token.refresh_token() {
                     *current = Some(Secret::new(rotated));
@@ -319,6 +329,7 @@ impl fmt::Debug for RefreshTokenGrant {
             .field("client", &self.inner.endpoint.client)
             .field("refresh_token", &"<redacted>")
             .field("fallback", &self.inner.fallback)
+            .field("dpop", &self.inner.endpoint.shown_dpop())
             .finish_non_exhaustive()
     }
 }
@@ -384,9 +395,26 @@ impl RefreshTokenGrantBuilder {
         self
     }
 
+    /// Bind the tokens to `dpop`'s key (RFC 9449): every refresh, and the
+    /// [`fallback`](Self::fallback)'s requests, carry a DPoP proof made with it, and only
+    /// `DPoP` tokens are accepted. Give the same [`Dpop`](crate::dpop::Dpop) to the layer, so
+    /// that one key signs the token requests and the API requests. Default: none, bearer tokens.
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, dpop: crate::dpop::Dpop) -> Self {
+        self.endpoint.dpop = Some(dpop);
+        self
+    }
+
     /// Check the URL and build the provider.
     pub fn build(self) -> Result<RefreshTokenGrant, AuthError> {
         let endpoint = self.endpoint.check()?;
+        #[cfg(feature = "dpop")]
+        let fallback = match &endpoint.dpop {
+            Some(dpop) => self.fallback.map(|fallback| fallback.with_dpop(dpop)),
+            None => self.fallback,
+        };
+        #[cfg(not(feature = "dpop"))]
+        let fallback = self.fallback;
         let refresh_token = self
             .refresh_token
             .filter(|token| !token.expose().is_empty());
@@ -395,7 +423,7 @@ impl RefreshTokenGrantBuilder {
                 endpoint,
                 scope: self.scope,
                 refresh_token: Arc::new(Mutex::new(refresh_token)),
-                fallback: self.fallback,
+                fallback,
                 request_timeout: self.request_timeout,
             }),
         })

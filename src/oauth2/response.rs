@@ -12,8 +12,9 @@ use crate::Token;
 /// The longest lifetime believed from `expires_in`; larger values are clamped, not overflowed.
 const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// The token in a successful answer, or the typed error the answer stands for.
-pub(crate) fn token_from(answer: &Answer, now: SystemTime) -> Result<Token, AuthError> {
+/// The token in a successful answer, or the typed error the answer stands for. `dpop`: the
+/// request carried a DPoP proof, so the token must be a `DPoP` one.
+pub(crate) fn token_from(answer: &Answer, now: SystemTime, dpop: bool) -> Result<Token, AuthError> {
     if !answer.status.is_success() {
         return Err(error_from(answer));
     }
@@ -28,14 +29,22 @@ pub(crate) fn token_from(answer: &Answer, now: SystemTime) -> Result<Token, Auth
         .and_then(Value::as_str)
         .filter(|token| !token.is_empty())
         .ok_or_else(|| malformed("it has no access_token"))?;
-    // RFC 6749 requires token_type; a missing one is read as the only kind we can send.
-    if let Some(token_type) = json.get("token_type") {
-        let token_type = token_type.as_str().unwrap_or_default();
-        if !token_type.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::UnsupportedTokenType {
-                token_type: token_type.chars().take(40).collect(),
-            });
-        }
+    // RFC 6749 requires token_type; without DPoP a missing one is read as the only kind we can
+    // send. With DPoP only `DPoP` will do (RFC 9449 section 5): a `Bearer` answer to a request
+    // with a proof means the server ignored the proof, and its token works for whoever steals it.
+    let (expected, assumed) = if dpop {
+        ("DPoP", "")
+    } else {
+        ("Bearer", "Bearer")
+    };
+    let token_type = match json.get("token_type") {
+        Some(token_type) => token_type.as_str().unwrap_or_default(),
+        None => assumed,
+    };
+    if !token_type.eq_ignore_ascii_case(expected) {
+        return Err(AuthError::UnsupportedTokenType {
+            token_type: token_type.chars().take(40).collect(),
+        });
     }
 
     let mut token = Token::new(access_token);
@@ -59,6 +68,15 @@ pub(crate) fn token_from(answer: &Answer, now: SystemTime) -> Result<Token, Auth
         token = token.with_id_token(id_token);
     }
     Ok(token)
+}
+
+/// Whether a token endpoint refused a DPoP proof for want of its nonce: 400 with
+/// `{"error":"use_dpop_nonce"}` (RFC 9449 section 8).
+#[cfg(feature = "dpop")]
+pub(crate) fn asks_for_nonce(answer: &Answer) -> bool {
+    answer.status == http::StatusCode::BAD_REQUEST
+        && json_object(answer)
+            .is_ok_and(|json| json.get("error").and_then(Value::as_str) == Some("use_dpop_nonce"))
 }
 
 /// The typed error a non-success answer stands for.
@@ -181,6 +199,7 @@ mod tests {
     fn answer(status: u16, body: &str) -> Answer {
         Answer {
             status: StatusCode::from_u16(status).unwrap(),
+            headers: http::HeaderMap::new(),
             body: body.to_owned().into(),
         }
     }
@@ -197,6 +216,7 @@ mod tests {
                 r#"{"access_token":"at","token_type":"bearer","expires_in":"3600","refresh_token":"rt","scope":"a b"}"#,
             ),
             now(),
+            false,
         )
         .unwrap();
         assert_eq!(token.secret(), "at");
@@ -214,7 +234,7 @@ mod tests {
         let jwt = format!("eyJhbGciOiJub25lIn0.{payload}.sig");
         assert_eq!(jwt_lifetime(&jwt, now()), Some(Duration::from_secs(600)));
         let body = format!(r#"{{"access_token":"{jwt}","token_type":"Bearer"}}"#);
-        assert!(token_from(&answer(200, &body), now())
+        assert!(token_from(&answer(200, &body), now(), false)
             .unwrap()
             .expires_at()
             .is_some());
@@ -231,6 +251,7 @@ mod tests {
                 r#"{"error":"invalid_grant","error_description":"refresh token revoked","error_uri":"https://idp/doc"}"#,
             ),
             now(),
+            false,
         )
         .unwrap_err();
         let AuthError::TokenEndpoint(error) = error else {
@@ -247,7 +268,7 @@ mod tests {
         ] {
             let body = format!(r#"{{"error":"{code}"}}"#);
             assert_eq!(
-                token_from(&answer(401, &body), now())
+                token_from(&answer(401, &body), now(), false)
                     .unwrap_err()
                     .error_code(),
                 Some(&expected)
@@ -258,14 +279,15 @@ mod tests {
     #[test]
     fn malformed_answers_show_status_and_a_short_excerpt() {
         let long = "x".repeat(1000);
-        let error = token_from(&answer(502, &long), now()).unwrap_err();
+        let error = token_from(&answer(502, &long), now(), false).unwrap_err();
         let shown = error.to_string();
         assert!(shown.contains("502"), "{shown}");
         assert!(shown.len() < 400, "{shown}");
-        let error = token_from(&answer(200, r#"{"access_tok"#), now()).unwrap_err();
+        let error = token_from(&answer(200, r#"{"access_tok"#), now(), false).unwrap_err();
         assert!(error.to_string().contains("truncated"), "{error}");
         // A body that may hold a token is never shown.
-        let error = token_from(&answer(200, r#"{"access_token":"s3cr3t","#), now()).unwrap_err();
+        let error =
+            token_from(&answer(200, r#"{"access_token":"s3cr3t","#), now(), false).unwrap_err();
         assert!(!error.to_string().contains("s3cr3t"), "{error}");
         assert!(!format!("{error:?}").contains("s3cr3t"), "{error:?}");
     }
@@ -276,8 +298,8 @@ mod tests {
             status in 100u16..600,
             body in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
         ) {
-            let answer = Answer { status: StatusCode::from_u16(status).unwrap(), body: body.into() };
-            match token_from(&answer, now()) {
+            let answer = Answer { status: StatusCode::from_u16(status).unwrap(), headers: http::HeaderMap::new(), body: body.into() };
+            match token_from(&answer, now(), false) {
                 Ok(token) => proptest::prop_assert!(!token.secret().is_empty()),
                 Err(error) => {
                     let shown = error.to_string();
@@ -290,8 +312,8 @@ mod tests {
         #[test]
         fn a_truncated_token_response_never_shows_the_token(cut in 0usize..60) {
             let full = r#"{"access_token":"s3cr3t-t0ken","token_type":"Bearer","expires_in":60}"#;
-            let answer = Answer { status: StatusCode::OK, body: full[..cut.min(full.len())].to_owned().into() };
-            if let Err(error) = token_from(&answer, now()) {
+            let answer = Answer { status: StatusCode::OK, headers: http::HeaderMap::new(), body: full[..cut.min(full.len())].to_owned().into() };
+            if let Err(error) = token_from(&answer, now(), false) {
                 let (shown, debugged) = (error.to_string(), format!("{:?}", error));
                 proptest::prop_assert!(!shown.contains("s3cr3t"));
                 proptest::prop_assert!(!debugged.contains("s3cr3t"));
@@ -316,7 +338,7 @@ mod tests {
         for body in cases {
             assert!(
                 matches!(
-                    token_from(&answer(200, body), now()),
+                    token_from(&answer(200, body), now(), false),
                     Err(AuthError::MalformedResponse { .. })
                 ),
                 "{body}"
@@ -325,12 +347,33 @@ mod tests {
         assert!(matches!(
             token_from(
                 &answer(200, r#"{"access_token":"a","token_type":"mac"}"#),
-                now()
+                now(),
+                false
             ),
             Err(AuthError::UnsupportedTokenType { .. })
         ));
+        // A DPoP token without DPoP, a Bearer one (or none said) with it: refused.
+        let dpop_token = r#"{"access_token":"a","token_type":"DPoP"}"#;
+        let bearer_token = r#"{"access_token":"a","token_type":"Bearer"}"#;
+        let untyped = r#"{"access_token":"a"}"#;
+        for (body, dpop, accepted) in [
+            (dpop_token, false, false),
+            (dpop_token, true, true),
+            (r#"{"access_token":"a","token_type":"dpop"}"#, true, true),
+            (bearer_token, true, false),
+            (untyped, true, false),
+            (untyped, false, true),
+        ] {
+            match token_from(&answer(200, body), now(), dpop) {
+                Ok(_) => assert!(accepted, "{body} with dpop {dpop}"),
+                Err(AuthError::UnsupportedTokenType { .. }) => {
+                    assert!(!accepted, "{body} with dpop {dpop}")
+                }
+                Err(error) => panic!("{body}: {error:?}"),
+            }
+        }
         // Huge lifetimes are clamped, not overflowed.
         let huge = r#"{"access_token":"a","token_type":"Bearer","expires_in":1e300}"#;
-        assert!(token_from(&answer(200, huge), now()).is_ok());
+        assert!(token_from(&answer(200, huge), now(), false).is_ok());
     }
 }

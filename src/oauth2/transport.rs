@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{LOCATION, RETRY_AFTER};
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
@@ -73,6 +73,9 @@ pub fn default_transport() -> HttpTransport {
 /// An answer read to the end (up to [`MAX_RESPONSE_BYTES`]).
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
+    /// Kept for what a caller learns from them: a DPoP server's next nonce (`DPoP-Nonce`).
+    #[cfg_attr(not(feature = "dpop"), allow(dead_code))]
+    pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
 }
 
@@ -108,7 +111,7 @@ pub(crate) async fn send(
             retry_after,
         });
     }
-    let mut body = response.into_body();
+    let (parts, mut body) = response.into_parts();
     let mut read = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|error: BoxError| AuthError::transport(error))?;
@@ -123,5 +126,9 @@ pub(crate) async fn send(
         }
     }
     let body = Bytes::from(read);
-    Ok(Answer { status, body })
+    Ok(Answer {
+        status,
+        headers: parts.headers,
+        body,
+    })
 }

@@ -1,16 +1,21 @@
-//! An identity provider on loopback: `POST /token` (client credentials) issues tokens that expire
-//! on the server's side, and a [`TokenRegistry`] the [`Api`](super::api::Api) checks them in,
-//! with the scope and claims each was issued for.
+//! An identity provider on loopback: `POST /token` (client credentials, password, refresh token)
+//! issues tokens that expire on the server's side, and a [`TokenRegistry`] the
+//! [`Api`](super::api::Api) checks them in, with the scope and claims each was issued for. In
+//! DPoP mode it verifies the proof of every token request ([`ProofVerifier`]) and binds the
+//! tokens to the proof's key.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -19,6 +24,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::api::{lock, respond, serve};
+use super::server::field;
+use crate::dpop::{DPOP, DPOP_NONCE};
 use crate::oauth2::form::urlencode;
 use crate::{AuthError, ProviderFuture, Token, TokenProvider, TokenRequest};
 
@@ -30,6 +37,8 @@ use crate::{AuthError, ProviderFuture, Token, TokenProvider, TokenRequest};
 pub struct TokenRegistry {
     tokens: Arc<Mutex<HashMap<String, Issued>>>,
     rejected: Arc<Mutex<HashSet<String>>>,
+    /// The DPoP-bound tokens and the thumbprint (`jkt`) of their key.
+    bound: Arc<Mutex<HashMap<String, String>>>,
 }
 
 /// What the registry knows of one token.
@@ -48,6 +57,7 @@ impl std::fmt::Debug for TokenRegistry {
         f.debug_struct("TokenRegistry")
             .field("tokens", &lock(&self.tokens).len())
             .field("rejected", &lock(&self.rejected).len())
+            .field("bound", &lock(&self.bound).len())
             .finish()
     }
 }
@@ -79,6 +89,18 @@ impl TokenRegistry {
         lock(&self.tokens)
             .get(token)
             .is_some_and(|issued| issued.with_claims)
+    }
+
+    /// [`issue`](Self::issue) a DPoP-bound token: only its holder of the key with RFC 7638
+    /// thumbprint `jkt` may use it.
+    pub fn issue_bound(&self, token: String, expires_at: Option<Instant>, jkt: String) {
+        lock(&self.bound).insert(token.clone(), jkt);
+        self.issue(token, expires_at);
+    }
+
+    /// The thumbprint of the key `token` is bound to (`cnf.jkt`), if it is a DPoP token.
+    pub fn jkt(&self, token: &str) -> Option<String> {
+        lock(&self.bound).get(token).cloned()
     }
 
     /// How many distinct tokens the API turned away as expired (or unknown).
@@ -132,6 +154,9 @@ pub enum IdpMode {
     Garbage,
     /// Answer 429 with `Retry-After: <seconds>`.
     Throttle(u64),
+    /// Answer 400 `{"error":"use_dpop_nonce"}` with a new `DPoP-Nonce` every time, whatever
+    /// the proof: a server no client can satisfy.
+    DpopNonceChurn,
 }
 
 struct IdpState {
@@ -146,6 +171,32 @@ struct IdpState {
     latency: Mutex<Duration>,
     /// Issued tokens are `<prefix>-<n>`.
     prefix: Mutex<String>,
+    dpop: Mutex<DpopState>,
+    verifier: ProofVerifier,
+    /// Refresh tokens that work (once each), with the `jkt` of the key they are bound to.
+    refresh_tokens: Mutex<HashMap<String, Option<String>>>,
+    refresh_grants: AtomicUsize,
+    password_grants: AtomicUsize,
+    /// Where it listens: the `htu` of its proofs.
+    addr: OnceLock<SocketAddr>,
+}
+
+/// The DPoP mode of the identity provider.
+#[derive(Default)]
+struct DpopState {
+    required: bool,
+    nonce_required: bool,
+    /// The nonce proofs must carry, `nonce-<k>`; a new one after every token issued.
+    nonce_serial: usize,
+    proofs_verified: usize,
+    proofs_refused: usize,
+    nonce_refusals: usize,
+}
+
+impl DpopState {
+    fn nonce(&self) -> String {
+        format!("nonce-{}", self.nonce_serial)
+    }
 }
 
 /// An OAuth2 token endpoint on `127.0.0.1`: `POST /token` with
@@ -159,6 +210,20 @@ struct IdpState {
 /// It accepts any client id and secret: it exists to issue tokens that expire, and to count the
 /// requests for them. It runs on hyper in the caller's Tokio runtime, so a test on a paused clock
 /// moves its token expiry with `tokio::time::advance`.
+///
+/// `grant_type=password` (any username and password) answers the same with a `refresh_token`,
+/// and `grant_type=refresh_token` with one of those rotates it: a new one each time, the old
+/// one refused (`invalid_grant`) from then on.
+///
+/// With [`require_dpop`](Self::require_dpop) it is a DPoP (RFC 9449) authorization server:
+/// every token request needs a `DPoP` proof that [`ProofVerifier`] accepts for `POST` to
+/// [`token_url`](Self::token_url) (signature, `typ`, `alg`, `jwk`, `htm`, `htu`, `iat` within
+/// 60 s, a `jti` never seen before), else 400 `invalid_dpop_proof`; the tokens are
+/// `token_type: DPoP`, bound to the proof's key in the [`TokenRegistry`]
+/// ([`TokenRegistry::jkt`]), and so are the refresh tokens: a refresh proven with another key
+/// is refused. With [`require_dpop_nonce`](Self::require_dpop_nonce) the proof must carry its
+/// current nonce too, else 400 `use_dpop_nonce` with the nonce in `DPoP-Nonce`; the nonce
+/// changes after every token issued, and the answer that carries the token names the next one.
 ///
 /// ```
 /// use std::time::Duration;
@@ -215,9 +280,16 @@ impl IdentityProvider {
             mode: Mutex::new(IdpMode::Issue),
             latency: Mutex::new(Duration::ZERO),
             prefix: Mutex::new("token".to_owned()),
+            dpop: Mutex::new(DpopState::default()),
+            verifier: ProofVerifier::new(),
+            refresh_tokens: Mutex::new(HashMap::new()),
+            refresh_grants: AtomicUsize::new(0),
+            password_grants: AtomicUsize::new(0),
+            addr: OnceLock::new(),
         });
         let handler_state = state.clone();
         let addr = serve(move |request| handle(handler_state.clone(), request)).await?;
+        let _ = state.addr.set(addr);
         Ok(Self { addr, state })
     }
 
@@ -262,34 +334,107 @@ impl IdentityProvider {
     pub fn set_ttl(&self, ttl: Option<Duration>) {
         *lock(&self.state.ttl) = ttl;
     }
+
+    /// Password grants answered with a token.
+    pub fn password_grants(&self) -> usize {
+        self.state.password_grants.load(Ordering::SeqCst)
+    }
+
+    /// Refresh-token grants answered with a token.
+    pub fn refresh_grants(&self) -> usize {
+        self.state.refresh_grants.load(Ordering::SeqCst)
+    }
+
+    /// A refresh token that works once, as if issued earlier (say, at login), bound to the
+    /// DPoP key with thumbprint `jkt` if given.
+    pub fn issue_refresh_token(&self, jkt: Option<&str>) -> String {
+        let n = self.state.token_requests.load(Ordering::SeqCst);
+        let token = format!(
+            "refresh-issued-{n}-{}",
+            lock(&self.state.refresh_tokens).len()
+        );
+        lock(&self.state.refresh_tokens).insert(token.clone(), jkt.map(str::to_owned));
+        token
+    }
+
+    /// Require a verified DPoP proof on every token request and issue DPoP-bound tokens
+    /// (default: no; a `DPoP` header is then ignored and tokens are `Bearer`).
+    pub fn require_dpop(&self, require: bool) {
+        lock(&self.state.dpop).required = require;
+    }
+
+    /// Require the current nonce in every proof (default: no). Implies nothing without
+    /// [`require_dpop`](Self::require_dpop).
+    pub fn require_dpop_nonce(&self, require: bool) {
+        lock(&self.state.dpop).nonce_required = require;
+    }
+
+    /// Change the nonce now, without telling anyone: the next proof is refused once.
+    pub fn rotate_dpop_nonce(&self) {
+        lock(&self.state.dpop).nonce_serial += 1;
+    }
+
+    /// The nonce proofs must carry now (when [`require_dpop_nonce`](Self::require_dpop_nonce)).
+    pub fn dpop_nonce(&self) -> String {
+        lock(&self.state.dpop).nonce()
+    }
+
+    /// DPoP proofs that passed every check.
+    pub fn dpop_proofs_verified(&self) -> usize {
+        lock(&self.state.dpop).proofs_verified
+    }
+
+    /// Token requests refused with `invalid_dpop_proof`: a missing, malformed, forged, stale
+    /// or replayed proof, or one for another method or URL.
+    pub fn dpop_proofs_refused(&self) -> usize {
+        lock(&self.state.dpop).proofs_refused
+    }
+
+    /// Token requests refused with `use_dpop_nonce`.
+    pub fn dpop_nonce_refusals(&self) -> usize {
+        lock(&self.state.dpop).nonce_refusals
+    }
+}
+
+/// What a token request asks for.
+enum Grant {
+    ClientCredentials,
+    Password,
+    /// With this refresh token.
+    Refresh(String),
 }
 
 async fn handle(
     state: Arc<IdpState>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if request.method() != http::Method::POST || request.uri().path() != "/token" {
+    if request.method() != Method::POST || request.uri().path() != "/token" {
         return Ok(respond(StatusCode::NOT_FOUND, "not found"));
     }
-    let form = request.into_body().collect().await.map(|b| b.to_bytes());
+    let (parts, body) = request.into_parts();
+    let form = body
+        .collect()
+        .await
+        .map(|body| body.to_bytes())
+        .unwrap_or_default();
+    let form = String::from_utf8_lossy(&form);
     let n = state.token_requests.fetch_add(1, Ordering::SeqCst) + 1;
-    let fields = form.as_deref().map(form_fields).unwrap_or_default();
-    let field = |name: &str| {
-        fields
-            .iter()
-            .find(|(field, _)| field == name)
-            .map(|(_, value)| value.clone())
-    };
-    let with_claims = field("claims").is_some();
+    let form_field = |name: &str| field(&form, name);
+    let with_claims = form_field("claims").is_some();
     if with_claims {
         state.claims_requests.fetch_add(1, Ordering::SeqCst);
     }
-    if field("grant_type").as_deref() != Some("client_credentials") {
-        return Ok(respond(
-            StatusCode::BAD_REQUEST,
-            r#"{"error":"unsupported_grant_type"}"#,
-        ));
-    }
+    let grant = match form_field("grant_type").as_deref() {
+        Some("client_credentials") => Grant::ClientCredentials,
+        Some("password") => Grant::Password,
+        Some("refresh_token") => Grant::Refresh(form_field("refresh_token").unwrap_or_default()),
+        _ => {
+            return Ok(json_answer(
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"unsupported_grant_type"}"#.to_owned(),
+            ))
+        }
+    };
     let latency = *lock(&state.latency);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -312,14 +457,57 @@ async fn handle(
                 .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
             return Ok(response);
         }
+        IdpMode::DpopNonceChurn => {
+            let mut dpop = lock(&state.dpop);
+            dpop.nonce_serial += 1;
+            dpop.nonce_refusals += 1;
+            return Ok(nonce_refusal(&dpop.nonce()));
+        }
     }
+    // The proof first: a request refused for its proof or nonce spends no refresh token.
+    let jkt = match check_proof(&state, &parts.headers) {
+        Ok(jkt) => jkt,
+        Err(refusal) => return Ok(refusal),
+    };
+    match &grant {
+        Grant::ClientCredentials => {}
+        Grant::Password => {
+            state.password_grants.fetch_add(1, Ordering::SeqCst);
+        }
+        Grant::Refresh(refresh_token) => {
+            let mut live = lock(&state.refresh_tokens);
+            // A refresh token bound to a key works only with a proof by that key (RFC 9449
+            // section 5); an unbound one with or without a proof.
+            match live.get(refresh_token) {
+                Some(bound) if bound.is_none() || *bound == jkt => {
+                    live.remove(refresh_token);
+                }
+                _ => {
+                    return Ok(json_answer(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"error":"invalid_grant"}"#.to_owned(),
+                    ))
+                }
+            }
+            drop(live);
+            state.refresh_grants.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     let token = format!("{}-{n}", lock(&state.prefix));
     let ttl = *lock(&state.ttl);
+    let token_type = match &jkt {
+        Some(jkt) => {
+            lock(&state.registry.bound).insert(token.clone(), jkt.clone());
+            "DPoP"
+        }
+        None => "Bearer",
+    };
     state.registry.record(
         token.clone(),
         Issued {
             expires_at: ttl.map(|ttl| Instant::now() + ttl),
-            scope: field("scope"),
+            scope: form_field("scope"),
             with_claims,
         },
     );
@@ -329,39 +517,313 @@ async fn handle(
         }
         _ => String::new(),
     };
-    let body = format!(r#"{{"access_token":"{token}","token_type":"Bearer"{expires_in}}}"#);
-    let mut response = respond(StatusCode::OK, body);
+    let refresh_token = match grant {
+        Grant::ClientCredentials => String::new(),
+        Grant::Password | Grant::Refresh(_) => {
+            let refresh_token = format!("refresh-{n}");
+            lock(&state.refresh_tokens).insert(refresh_token.clone(), jkt.clone());
+            format!(r#","refresh_token":"{refresh_token}""#)
+        }
+    };
+    let body = format!(
+        r#"{{"access_token":"{token}","token_type":"{token_type}"{expires_in}{refresh_token}}}"#
+    );
+    let mut response = json_answer(StatusCode::OK, body);
+    // A new nonce after every token, named in the answer: a client that learns from every
+    // answer is never refused for it.
+    let mut dpop = lock(&state.dpop);
+    if dpop.required && dpop.nonce_required {
+        dpop.nonce_serial += 1;
+        if let Ok(nonce) = HeaderValue::try_from(dpop.nonce()) {
+            response.headers_mut().insert(DPOP_NONCE, nonce);
+        }
+    }
+    Ok(response)
+}
+
+fn json_answer(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = respond(status, body);
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
-    Ok(response)
+    response
 }
 
-/// The fields of an `application/x-www-form-urlencoded` body, decoded (`+` is a space, `%XX` a
-/// byte); a field that does not decode to UTF-8 is left out.
-fn form_fields(body: &[u8]) -> Vec<(String, String)> {
-    fn decode(text: &[u8]) -> Option<String> {
-        let mut out = Vec::with_capacity(text.len());
-        let mut bytes = text.iter();
-        while let Some(&byte) = bytes.next() {
-            match byte {
-                b'+' => out.push(b' '),
-                b'%' => {
-                    let hex = [*bytes.next()?, *bytes.next()?];
-                    out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
-                }
-                other => out.push(other),
+/// 400 `use_dpop_nonce`, naming the nonce to use (RFC 9449 section 8).
+fn nonce_refusal(nonce: &str) -> Response<Full<Bytes>> {
+    let mut response = json_answer(
+        StatusCode::BAD_REQUEST,
+        r#"{"error":"use_dpop_nonce","error_description":"Authorization server requires nonce in DPoP proof"}"#.to_owned(),
+    );
+    if let Ok(nonce) = HeaderValue::try_from(nonce) {
+        response.headers_mut().insert(DPOP_NONCE, nonce);
+    }
+    response
+}
+
+/// The DPoP check of a token request: `Ok(None)` when DPoP is off, the key's thumbprint for a
+/// verified proof, or the refusal to answer with.
+#[allow(clippy::result_large_err)]
+fn check_proof(
+    state: &IdpState,
+    headers: &http::HeaderMap,
+) -> Result<Option<String>, Response<Full<Bytes>>> {
+    let mut dpop = lock(&state.dpop);
+    if !dpop.required {
+        return Ok(None);
+    }
+    let token_url = match state.addr.get() {
+        Some(addr) => format!("http://{addr}/token"),
+        None => String::new(),
+    };
+    let nonce = dpop.nonce_required.then(|| dpop.nonce());
+    let mut proofs = headers.get_all(DPOP).iter();
+    let verified = match (proofs.next(), proofs.next()) {
+        (Some(proof), None) => proof
+            .to_str()
+            .map_err(|_| ProofError::Malformed("the DPoP header is not text"))
+            .and_then(|proof| {
+                state
+                    .verifier
+                    .verify(proof, &Method::POST, &token_url, None, nonce.as_deref())
+            }),
+        (None, _) => Err(ProofError::Missing),
+        (Some(_), Some(_)) => Err(ProofError::Malformed("more than one DPoP header")),
+    };
+    match verified {
+        Ok(proof) => {
+            dpop.proofs_verified += 1;
+            Ok(Some(proof.jkt))
+        }
+        Err(ProofError::Nonce) => {
+            dpop.nonce_refusals += 1;
+            Err(nonce_refusal(&dpop.nonce()))
+        }
+        Err(error) => {
+            dpop.proofs_refused += 1;
+            let body = serde_json::json!({
+                "error": "invalid_dpop_proof",
+                "error_description": error.to_string(),
+            });
+            Err(json_answer(StatusCode::BAD_REQUEST, body.to_string()))
+        }
+    }
+}
+
+/// Checks DPoP proofs (RFC 9449 section 4.3) as an authorization or resource server does,
+/// with ring's ES256 verifier: a compact JWS whose header says `typ: dpop+jwt`, `alg: ES256`
+/// and carries the public `jwk` (a P-256 key, no private part) that verifies its signature;
+/// claims `htm` and `htu` (compared without query and fragment) naming the request, `iat`
+/// within 60 s of now, a `jti` it has not seen before, and when asked the `nonce` and the `ath`
+/// of the access token sent with it.
+///
+/// It shares no code with the crate's proof signer: a bug there cannot hide itself here.
+///
+/// ```
+/// use http::{Method, Uri};
+/// use tower_auth_refresh::dpop::Dpop;
+/// use tower_auth_refresh::testkit::ProofVerifier;
+///
+/// let dpop = Dpop::generate().unwrap();
+/// let uri: Uri = "https://api.example.com/items?page=2".parse().unwrap();
+/// let proof = dpop.proof(&Method::GET, &uri, Some("token")).unwrap();
+/// let verifier = ProofVerifier::new();
+/// let proof = proof.to_str().unwrap();
+/// let verified = verifier
+///     .verify(proof, &Method::GET, "https://api.example.com/items", Some("token"), None)
+///     .unwrap();
+/// assert_eq!(verified.jkt, dpop.key().thumbprint());
+/// // The same proof twice is a replay.
+/// assert!(verifier
+///     .verify(proof, &Method::GET, "https://api.example.com/items", Some("token"), None)
+///     .is_err());
+/// ```
+#[derive(Debug, Default)]
+pub struct ProofVerifier {
+    /// Every `jti` accepted so far.
+    seen: Mutex<HashSet<String>>,
+}
+
+/// What a [`ProofVerifier`] learned from a proof that passed every check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifiedProof {
+    /// The RFC 7638 SHA-256 thumbprint of the proof's key: what a token bound to it records.
+    pub jkt: String,
+    /// The proof's unique id.
+    pub jti: String,
+}
+
+/// Why a [`ProofVerifier`] refused a proof.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProofError {
+    /// The request carried no proof.
+    Missing,
+    /// Not a DPoP proof: the reason.
+    Malformed(&'static str),
+    /// The signature does not verify with the key in the header.
+    BadSignature,
+    /// `htm` is not the request's method.
+    WrongMethod,
+    /// `htu` is not the request's URL.
+    WrongUri,
+    /// `iat` is more than 60 s away from now.
+    Stale,
+    /// A `jti` seen before: a replayed proof.
+    Replayed,
+    /// The nonce is missing or not the one asked for.
+    Nonce,
+    /// `ath` is missing or not the hash of the access token.
+    WrongAth,
+}
+
+impl fmt::Display for ProofError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProofError::Missing => f.write_str("no DPoP proof"),
+            ProofError::Malformed(why) => write!(f, "malformed DPoP proof: {why}"),
+            ProofError::BadSignature => f.write_str("the DPoP proof's signature does not verify"),
+            ProofError::WrongMethod => f.write_str("the DPoP proof is for another method (htm)"),
+            ProofError::WrongUri => f.write_str("the DPoP proof is for another URL (htu)"),
+            ProofError::Stale => f.write_str("the DPoP proof's iat is not within 60 s of now"),
+            ProofError::Replayed => f.write_str("the DPoP proof's jti was used before"),
+            ProofError::Nonce => f.write_str("the DPoP proof lacks the current nonce"),
+            ProofError::WrongAth => {
+                f.write_str("the DPoP proof's ath is not the hash of the access token")
             }
         }
-        String::from_utf8(out).ok()
     }
-    body.split(|&byte| byte == b'&')
-        .filter_map(|pair| {
-            let at = pair.iter().position(|&byte| byte == b'=')?;
-            Some((decode(&pair[..at])?, decode(&pair[at + 1..])?))
+}
+
+impl std::error::Error for ProofError {}
+
+/// How far `iat` may be from now.
+const MAX_PROOF_AGE: u64 = 60;
+
+impl ProofVerifier {
+    /// A verifier that has seen no proof yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Check `proof` for a request of `method` to `htu`, sent with `access_token` (which `ath`
+    /// must then hash) and, if `nonce` is given, carrying it. A proof that passes is recorded:
+    /// the same one again is [`ProofError::Replayed`].
+    pub fn verify(
+        &self,
+        proof: &str,
+        method: &Method,
+        htu: &str,
+        access_token: Option<&str>,
+        nonce: Option<&str>,
+    ) -> Result<VerifiedProof, ProofError> {
+        use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
+
+        let mut segments = proof.split('.');
+        let (Some(header), Some(payload), Some(signature), None) = (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+        ) else {
+            return Err(ProofError::Malformed("not a compact JWS"));
+        };
+        let header = json_segment(header).ok_or(ProofError::Malformed("header"))?;
+        if header.get("typ").and_then(serde_json::Value::as_str) != Some("dpop+jwt") {
+            return Err(ProofError::Malformed("typ is not dpop+jwt"));
+        }
+        if header.get("alg").and_then(serde_json::Value::as_str) != Some("ES256") {
+            return Err(ProofError::Malformed("alg is not ES256"));
+        }
+        let jwk = header
+            .get("jwk")
+            .and_then(serde_json::Value::as_object)
+            .ok_or(ProofError::Malformed("no jwk"))?;
+        if jwk.contains_key("d") {
+            return Err(ProofError::Malformed("the jwk holds a private key"));
+        }
+        let member = |name: &str| jwk.get(name).and_then(serde_json::Value::as_str);
+        if member("kty") != Some("EC") || member("crv") != Some("P-256") {
+            return Err(ProofError::Malformed("the jwk is not an EC P-256 key"));
+        }
+        let coordinate = |name: &str| {
+            member(name)
+                .and_then(|text| URL_SAFE_NO_PAD.decode(text).ok())
+                .filter(|bytes| bytes.len() == 32)
+                .ok_or(ProofError::Malformed("the jwk's x or y is not 32 bytes"))
+        };
+        let (x, y) = (coordinate("x")?, coordinate("y")?);
+        let point = [&[0x04][..], &x, &y].concat();
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| ProofError::Malformed("signature"))?;
+        let signed_len = proof.len() - proof.rsplit('.').next().map_or(0, str::len) - 1;
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+            .verify(&proof.as_bytes()[..signed_len], &signature)
+            .map_err(|_| ProofError::BadSignature)?;
+
+        let claims = json_segment(payload).ok_or(ProofError::Malformed("payload"))?;
+        let claim = |name: &str| claims.get(name).and_then(serde_json::Value::as_str);
+        if claim("htm") != Some(method.as_str()) {
+            return Err(ProofError::WrongMethod);
+        }
+        let without_query = |url: &str| url.split(['?', '#']).next().unwrap_or_default().to_owned();
+        if claim("htu").map(without_query) != Some(without_query(htu)) {
+            return Err(ProofError::WrongUri);
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let iat = claims
+            .get("iat")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or(ProofError::Malformed("no iat"))?;
+        if iat.abs_diff(now) > MAX_PROOF_AGE {
+            return Err(ProofError::Stale);
+        }
+        if let Some(expected) = nonce {
+            if claim("nonce") != Some(expected) {
+                return Err(ProofError::Nonce);
+            }
+        }
+        if let Some(token) = access_token {
+            if claim("ath") != Some(sha256_b64(token.as_bytes()).as_str()) {
+                return Err(ProofError::WrongAth);
+            }
+        }
+        let jti = claim("jti")
+            .filter(|jti| !jti.is_empty())
+            .ok_or(ProofError::Malformed("no jti"))?;
+        if !lock(&self.seen).insert(jti.to_owned()) {
+            return Err(ProofError::Replayed);
+        }
+        // RFC 7638: the required members in lexicographic order, no whitespace.
+        let jkt = sha256_b64(
+            format!(
+                r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+                URL_SAFE_NO_PAD.encode(&x),
+                URL_SAFE_NO_PAD.encode(&y)
+            )
+            .as_bytes(),
+        );
+        Ok(VerifiedProof {
+            jkt,
+            jti: jti.to_owned(),
         })
-        .collect()
+    }
+}
+
+fn json_segment(segment: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_slice(&URL_SAFE_NO_PAD.decode(segment).ok()?).ok()? {
+        serde_json::Value::Object(object) => Some(object),
+        _ => None,
+    }
+}
+
+fn sha256_b64(input: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, input))
 }
 
 /// A token provider that asks `idp` over HTTP (client credentials, a hand-written request) and

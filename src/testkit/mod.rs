@@ -40,5 +40,6 @@ mod server;
 
 pub use api::{client, client_h2, Api, ApiCounters, CLAIMS_CHALLENGE};
 pub use idp::{
-    http_provider, http_provider_at, parse_token_response, IdentityProvider, IdpMode, TokenRegistry,
+    http_provider, http_provider_at, parse_token_response, IdentityProvider, IdpMode, ProofError,
+    ProofVerifier, TokenRegistry, VerifiedProof,
 };

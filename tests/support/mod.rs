@@ -13,6 +13,15 @@ pub use tower_auth_refresh::testkit::{
     IdentityProvider, IdpMode, TokenRegistry,
 };
 
+/// The token sources' transport for the loopback servers: hyper-util over plain HTTP.
+pub fn http_transport() -> tower_auth_refresh::oauth2::HttpTransport {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    tower_auth_refresh::oauth2::transport(
+        Client::builder(TokioExecutor::new()).build_http::<http_body_util::Full<bytes::Bytes>>(),
+    )
+}
+
 /// Read a response body to a string.
 pub async fn body_string<B>(response: Response<B>) -> String
 where
