@@ -105,11 +105,9 @@ pub(crate) enum Demand {
 impl Demand {
     /// Read what `headers` ask for. Only called for a rejected response.
     pub(crate) fn of(headers: &HeaderMap) -> Self {
-        let challenge = challenges(headers)
-            .into_iter()
-            .find(|challenge| {
-                (challenge.is("bearer") || challenge.is("dpop")) && challenge.param("error").is_some()
-            });
+        let challenge = challenges(headers).into_iter().find(|challenge| {
+            (challenge.is("bearer") || challenge.is("dpop")) && challenge.param("error").is_some()
+        });
         let Some(challenge) = challenge else {
             return Self::Refresh;
         };

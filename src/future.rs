@@ -39,6 +39,10 @@ pin_project! {
         inner_body: I,
         // The DPoP proof of the current attempt, if the layer sends them.
         dpop: Option<Box<Sent>>,
+        // Each kind of replay happens at most once: one for a new token, one for a new DPoP
+        // nonce (which says nothing about the token).
+        token_replayed: bool,
+        nonce_replayed: bool,
         _body: PhantomData<fn(B)>,
     }
 }
@@ -163,6 +167,8 @@ where
             settings,
             inner_body,
             dpop: None,
+            token_replayed: false,
+            nonce_replayed: false,
             _body: PhantomData,
         }
     }
@@ -213,12 +219,14 @@ where
                     let for_nonce = proof::wants_nonce_replay(
                         settings,
                         this.dpop.as_deref(),
+                        *this.nonce_replayed,
                         response.status(),
                         response.headers(),
                     );
-                    if !for_nonce {
-                        let Some(refusal) =
-                            settings.refusal(response.status(), response.headers())
+                    if for_nonce {
+                        *this.nonce_replayed = true;
+                    } else {
+                        let Some(refusal) = settings.refusal(response.status(), response.headers())
                         else {
                             return Poll::Ready(Ok(response));
                         };
@@ -236,32 +244,17 @@ where
                             Some(Rejection::Repeated) => return Poll::Ready(Ok(response)),
                             Some(_) => {}
                         }
+                        *this.token_replayed = true;
                     }
-                    let verdict = match this.replay.as_mut() {
-                        Ok(replay) if this.service.is_some() => replay.freeze(),
-                        Ok(_) => Err(NotReplayable::Refused),
-                        Err(reason) => Err(*reason),
-                    };
-                    if let Err(reason) = verdict {
-                        settings.cache.record_not_replayed(reason);
-                        tracing::debug!(
-                            status = %response.status(),
-                            %reason,
-                            "token rejected; request not replayed, returning the response"
-                        );
-                        return Poll::Ready(Ok(response));
-                    }
-                    // Free the connection of the rejected attempt before the replay.
-                    drop(response);
-                    match settings.cache.acquire() {
-                        Acquire::Ready(credential) => {
-                            *this.generation = credential.generation;
-                            this.state.set(State::ReplayReady {
-                                credential: Some(credential.header),
-                            });
+                    let replay_ready = this.service.is_some();
+                    match start_replay(this.replay, replay_ready, settings, response.status()) {
+                        Ok(Some(next)) => {
+                            // Free the connection of the rejected attempt before the replay.
+                            drop(response);
+                            this.state.set(next.into_state(this.generation));
                         }
-                        Acquire::Wait(wait) => this.state.set(State::WaitReplayToken { wait }),
-                        Acquire::Failed(error) => return Poll::Ready(Err(error.into())),
+                        Ok(None) => return Poll::Ready(Ok(response)),
+                        Err(error) => return Poll::Ready(Err(error.into())),
                     }
                 }
                 StateProj::WaitReplayToken { wait } => {
@@ -288,16 +281,46 @@ where
                     let (mut parts, body) = request.into_parts();
                     *this.dpop =
                         proof::attach(settings, &parts.method, &parts.uri, &mut parts.headers)?;
+                    // With DPoP, a replay for one reason may still be followed by the other:
+                    // keep what that one needs (a copy of a replay body is a reference count).
+                    if this.dpop.is_some() && !(*this.token_replayed && *this.nonce_replayed) {
+                        *this.replay = ReplayRequest::new(&parts, &body);
+                    }
                     let request = Request::from_parts(parts, body);
                     settings.cache.record_replay();
-                    tracing::debug!("token rejected; replaying the request with a new token");
+                    tracing::debug!("token or nonce rejected; replaying the request");
                     let future = service.call(request.map(|body| this.inner_body.convert(body)));
-                    this.state.set(State::Replay { future });
+                    if *this.token_replayed {
+                        this.state.set(State::Replay { future });
+                    } else {
+                        // Replayed for a nonce: a token rejection may still earn its replay.
+                        this.state.set(State::First { future });
+                    }
                 }
                 StateProj::Replay { future } => {
                     let response = ready!(future.poll(cx)).map_err(Into::into)?;
                     if let Some(settings) = this.settings.as_ref() {
-                        proof::observe(settings, this.dpop.as_deref(), response.headers());
+                        // The token replay met a nonce the server rotated meanwhile.
+                        let for_nonce = proof::wants_nonce_replay(
+                            settings,
+                            this.dpop.as_deref(),
+                            *this.nonce_replayed,
+                            response.status(),
+                            response.headers(),
+                        );
+                        if for_nonce {
+                            *this.nonce_replayed = true;
+                            let ready = this.service.is_some();
+                            match start_replay(this.replay, ready, settings, response.status()) {
+                                Ok(Some(next)) => {
+                                    drop(response);
+                                    this.state.set(next.into_state(this.generation));
+                                    continue;
+                                }
+                                Ok(None) => return Poll::Ready(Ok(response)),
+                                Err(error) => return Poll::Ready(Err(error.into())),
+                            }
+                        }
                         if settings
                             .refusal(response.status(), response.headers())
                             .is_none()
@@ -315,6 +338,55 @@ where
                 }
             }
         }
+    }
+}
+
+/// How a replay starts: with the token at hand, or after waiting for one.
+enum NextReplay {
+    Ready(crate::cache::Credential),
+    Wait(RefreshWait),
+}
+
+impl NextReplay {
+    fn into_state<F, R>(self, generation: &mut u64) -> State<F, R> {
+        match self {
+            NextReplay::Ready(credential) => {
+                *generation = credential.generation;
+                State::ReplayReady {
+                    credential: Some(credential.header),
+                }
+            }
+            NextReplay::Wait(wait) => State::WaitReplayToken { wait },
+        }
+    }
+}
+
+/// Freeze the body for a replay and get its token. `Ok(None)`: the request cannot be replayed
+/// (counted, and logged); the response goes back to the caller.
+fn start_replay<B>(
+    replay: &mut Result<ReplayRequest<B>, NotReplayable>,
+    service_kept: bool,
+    settings: &AuthSettings,
+    status: http::StatusCode,
+) -> Result<Option<NextReplay>, AuthError> {
+    let verdict = match replay.as_mut() {
+        Ok(replay) if service_kept => replay.freeze(),
+        Ok(_) => Err(NotReplayable::Refused),
+        Err(reason) => Err(*reason),
+    };
+    if let Err(reason) = verdict {
+        settings.cache.record_not_replayed(reason);
+        tracing::debug!(
+            %status,
+            %reason,
+            "request refused; not replayed, returning the response"
+        );
+        return Ok(None);
+    }
+    match settings.cache.acquire() {
+        Acquire::Ready(credential) => Ok(Some(NextReplay::Ready(credential))),
+        Acquire::Wait(wait) => Ok(Some(NextReplay::Wait(wait))),
+        Acquire::Failed(error) => Err(error),
     }
 }
 

@@ -33,26 +33,22 @@ pub(crate) fn attach(
 }
 
 /// Learn the response's nonce; whether the request was refused for want of a nonce its proof
-/// did not carry (then it is replayed once, with the same token).
+/// did not carry, and may be replayed for it (once per request: not `already` replayed).
 pub(crate) fn wants_nonce_replay(
     settings: &AuthSettings,
     sent: Option<&Sent>,
+    already: bool,
     status: StatusCode,
     headers: &HeaderMap,
 ) -> bool {
     #[cfg(feature = "dpop")]
     if let (Some(dpop), Some(sent)) = (&settings.dpop, sent) {
+        if already {
+            dpop.observe_response(sent, headers);
+            return false;
+        }
         return dpop.wants_nonce_replay(sent, status, headers);
     }
-    let _ = (settings, sent, status, headers);
+    let _ = (settings, sent, already, status, headers);
     false
-}
-
-/// Learn the response's nonce.
-pub(crate) fn observe(settings: &AuthSettings, sent: Option<&Sent>, headers: &HeaderMap) {
-    #[cfg(feature = "dpop")]
-    if let (Some(dpop), Some(sent)) = (&settings.dpop, sent) {
-        dpop.observe_response(sent, headers);
-    }
-    let _ = (settings, sent, headers);
 }

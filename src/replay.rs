@@ -633,6 +633,11 @@ impl<B> ReplayRequest<B> {
                 ..
             }
             | Kind::Shared { recording } => BodyReplay::Recorded(recording.clone()),
+            // A replay already (a DPoP replay may be followed by another): its chunks are shared.
+            Kind::Replay { .. } => match body.try_clone() {
+                Some(copy) => BodyReplay::Frozen(Box::new(copy)),
+                None => return Err(NotReplayable::TooLarge),
+            },
             // Known to be larger than the cap before it was sent.
             _ => return Err(NotReplayable::TooLarge),
         };

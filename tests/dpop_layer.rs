@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -38,7 +38,14 @@ struct Seen {
     /// The thumbprint the token is bound to.
     jkt: Mutex<String>,
     /// Keep the nonce to itself (no `DPoP-Nonce` header).
-    silent: std::sync::atomic::AtomicBool,
+    silent: AtomicBool,
+    /// Name the nonce only when refusing a proof for it.
+    announce_on_nonce_refusal_only: AtomicBool,
+    /// Check the nonce before the token (else the token first).
+    nonce_first: AtomicBool,
+    /// The token it accepts (`TOKEN` until a test changes it).
+    token: Mutex<Option<String>>,
+    invalid_tokens: AtomicUsize,
 }
 
 fn decode(segment: &str) -> Option<serde_json::Value> {
@@ -55,9 +62,6 @@ fn check_proof(seen: &Seen, request: &Request<Bytes>, origin: &str) -> Result<()
     let token = credential
         .strip_prefix("DPoP ")
         .ok_or("not the DPoP scheme")?;
-    if token != TOKEN {
-        return Err("unknown token");
-    }
     let proof = request
         .headers()
         .get(DPOP)
@@ -135,7 +139,9 @@ async fn resource_server(seen: Arc<Seen>) -> String {
                             seen.requests.fetch_add(1, Ordering::SeqCst);
                             let nonce = seen.nonce.lock().unwrap().clone();
                             let mut response = Response::new(Full::new(request.body().clone()));
-                            if !seen.silent.load(Ordering::SeqCst) {
+                            let announce = !seen.silent.load(Ordering::SeqCst)
+                                && !seen.announce_on_nonce_refusal_only.load(Ordering::SeqCst);
+                            if announce {
                                 response
                                     .headers_mut()
                                     .insert(DPOP_NONCE, HeaderValue::from_str(&nonce).unwrap());
@@ -152,7 +158,14 @@ async fn resource_server(seen: Arc<Seen>) -> String {
                             }
                             let proof = request.headers()[DPOP].to_str().unwrap().to_owned();
                             let claims = decode(proof.split('.').nth(1).unwrap()).unwrap();
-                            if claims["nonce"] != nonce.as_str() {
+                            let credential =
+                                request.headers()[header::AUTHORIZATION].to_str().unwrap();
+                            let valid = seen.token.lock().unwrap().clone();
+                            let token_ok =
+                                credential == format!("DPoP {}", valid.as_deref().unwrap_or(TOKEN));
+                            let nonce_ok = claims["nonce"] == nonce.as_str();
+                            let nonce_first = seen.nonce_first.load(Ordering::SeqCst);
+                            if !nonce_ok && (nonce_first || token_ok) {
                                 seen.nonce_refusals.fetch_add(1, Ordering::SeqCst);
                                 *response.status_mut() = StatusCode::UNAUTHORIZED;
                                 response.headers_mut().insert(
@@ -160,6 +173,20 @@ async fn resource_server(seen: Arc<Seen>) -> String {
                                     HeaderValue::from_static(
                                         r#"DPoP error="use_dpop_nonce", error_description="nonce""#,
                                     ),
+                                );
+                                if !seen.silent.load(Ordering::SeqCst) {
+                                    response
+                                        .headers_mut()
+                                        .insert(DPOP_NONCE, HeaderValue::from_str(&nonce).unwrap());
+                                }
+                                return Ok(response);
+                            }
+                            if !token_ok {
+                                seen.invalid_tokens.fetch_add(1, Ordering::SeqCst);
+                                *response.status_mut() = StatusCode::UNAUTHORIZED;
+                                response.headers_mut().insert(
+                                    header::WWW_AUTHENTICATE,
+                                    HeaderValue::from_static(r#"DPoP error="invalid_token""#),
                                 );
                                 return Ok(response);
                             }
@@ -323,4 +350,114 @@ async fn a_request_that_waits_for_its_token_is_signed_too() {
     assert_eq!(seen.bad_proofs.load(Ordering::SeqCst), 0);
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 5);
     assert_eq!(layer.cache().stats().token_requests, 1);
+}
+
+/// A provider that hands out `token-1`, `token-2`, ...
+fn numbered_tokens() -> impl tower_auth_refresh::TokenProvider {
+    let issued = Arc::new(AtomicUsize::new(0));
+    tower_auth_refresh::provider_fn(move || {
+        let n = issued.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { Ok::<_, Infallible>(Token::new(format!("token-{n}"))) }
+    })
+}
+
+/// One request that meets both a new nonce and a revoked token gets one replay for each, in
+/// either order, and no more.
+async fn nonce_and_token_in_one_request(nonce_first: bool) {
+    let dpop = Dpop::generate().unwrap();
+    let seen = Arc::new(Seen::default());
+    *seen.nonce.lock().unwrap() = "n1".to_owned();
+    *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+    *seen.token.lock().unwrap() = Some("token-1".to_owned());
+    seen.nonce_first.store(nonce_first, Ordering::SeqCst);
+    let origin = resource_server(seen.clone()).await;
+    let layer = AuthLayer::builder(numbered_tokens())
+        .dpop(dpop.clone())
+        .build();
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(http_client());
+    let post = || {
+        Request::post(format!("{origin}/contacts"))
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap()
+    };
+    // Learn n1: one nonce replay.
+    let response = service.clone().oneshot(post()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 2);
+
+    // The server revokes token-1 and moves to n2, naming it only when it refuses a proof for it.
+    seen.announce_on_nonce_refusal_only
+        .store(true, Ordering::SeqCst);
+    *seen.token.lock().unwrap() = Some("token-2".to_owned());
+    *seen.nonce.lock().unwrap() = "n2".to_owned();
+    let response = service.clone().oneshot(post()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"payload", "the body survives both replays");
+    assert_eq!(
+        seen.requests.load(Ordering::SeqCst),
+        5,
+        "the attempt and two replays"
+    );
+    assert_eq!(seen.nonce_refusals.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.invalid_tokens.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.bad_proofs.load(Ordering::SeqCst), 0);
+    assert_eq!(dpop.nonce_replays(), 2);
+    let stats = layer.cache().stats();
+    assert_eq!(
+        (stats.token_requests, stats.invalidations, stats.replays),
+        (2, 1, 3)
+    );
+
+    // Both again on a later request: every request has its own two replays.
+    *seen.token.lock().unwrap() = Some("token-3".to_owned());
+    *seen.nonce.lock().unwrap() = "n3".to_owned();
+    seen.silent.store(false, Ordering::SeqCst);
+    let before = seen.requests.load(Ordering::SeqCst);
+    let response = service.clone().oneshot(post()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(seen.requests.load(Ordering::SeqCst) - before, 3);
+}
+
+#[tokio::test]
+async fn a_new_nonce_then_a_revoked_token_cost_one_replay_each() {
+    nonce_and_token_in_one_request(true).await;
+}
+
+#[tokio::test]
+async fn a_revoked_token_then_a_new_nonce_cost_one_replay_each() {
+    nonce_and_token_in_one_request(false).await;
+}
+
+#[tokio::test]
+async fn a_third_refusal_is_returned() {
+    let dpop = Dpop::generate().unwrap();
+    let seen = Arc::new(Seen::default());
+    *seen.nonce.lock().unwrap() = "n1".to_owned();
+    *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+    // A token nobody is ever given: every token is refused.
+    *seen.token.lock().unwrap() = Some("never".to_owned());
+    seen.nonce_first.store(true, Ordering::SeqCst);
+    let origin = resource_server(seen.clone()).await;
+    let layer = AuthLayer::builder(numbered_tokens())
+        .dpop(dpop.clone())
+        .build();
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(http_client());
+    let response = service
+        .oneshot(
+            Request::get(format!("{origin}/contacts"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // Nonce refusal, nonce replay refused for the token, token replay refused: three.
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(dpop.nonce_replays(), 1);
+    assert_eq!(layer.cache().stats().replays, 2);
 }
