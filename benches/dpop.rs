@@ -5,6 +5,8 @@
 //! - `bearer/auth_layer_get`: `hot_path`'s `get/auth_layer`, the same GET through `AuthLayer`
 //!   over a `StaticToken` that lives an hour, into the in-process `Ok200` of
 //!   `benches/common/mod.rs`: the figure the DPoP variants add to.
+//! - `dpop/auth_layer_get`: the same GET through `AuthLayer::builder(..).dpop(..)`: the token
+//!   as `DPoP`, and a proof with `ath` signed for the request.
 //! - `proof/get`: `Dpop::proof` alone for that GET without `ath`, what a token request
 //!   carries (the claims as JSON, base64url, one ES256 signature by ring, the header value).
 //! - `proof/get_ath`: the same with `ath`, the hash of the access token, as every API request
@@ -14,8 +16,8 @@
 //! - `access_token_hash/1KiB`: `ath` alone, SHA-256 and base64url of a 1 KiB token (a large
 //!   JWT): the part of `get_ath` that grows with the token.
 //!
-//! The ratio to read: `proof/get_ath / bearer/auth_layer_get`, what a DPoP-bound request adds
-//! to a bearer one. The signature dominates: ECDSA P-256 signing is tens of microseconds where
+//! The ratio to read: `dpop/auth_layer_get / bearer/auth_layer_get`, what a DPoP-bound request
+//! costs against a bearer one. The signature dominates: ECDSA P-256 signing is tens of microseconds where
 //! the bearer path is well under one.
 //!
 //! Run it with:
@@ -46,29 +48,37 @@ fn dpop(c: &mut Criterion) {
         .expect("tokio runtime");
     let mut group = c.benchmark_group("dpop");
 
-    // The bearer hot path, as `hot_path` measures it: the service cloned once per sample and
-    // driven through `&mut`, the cache warmed before measuring.
+    // The bearer hot path, as `hot_path` measures it, and the same GET through the layer in
+    // DPoP mode: the service cloned once per sample and driven through `&mut`, the cache
+    // warmed before measuring.
     let bearer_layer = AuthLayer::new(StaticToken::new(
         Token::new(SECRET).with_expires_in(Duration::from_secs(3600)),
     ));
-    let bearer = bearer_layer.layer(Ok200);
-    runtime.block_on(send(&mut bearer.clone(), get_request()));
-    assert_eq!(bearer_layer.cache().stats().token_requests, 1);
-    group.bench_function("bearer/auth_layer_get", |b| {
-        b.to_async(&runtime).iter_custom(|iters| {
-            let mut service = bearer.clone();
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    send(&mut service, get_request()).await;
+    let dpop_layer = AuthLayer::builder(StaticToken::new(
+        Token::new(SECRET).with_expires_in(Duration::from_secs(3600)),
+    ))
+    .dpop(Dpop::generate().expect("a DPoP key"))
+    .build();
+    for (name, layer) in [
+        ("bearer/auth_layer_get", bearer_layer),
+        ("dpop/auth_layer_get", dpop_layer),
+    ] {
+        let service = layer.layer(Ok200);
+        runtime.block_on(send(&mut service.clone(), get_request()));
+        assert_eq!(layer.cache().stats().token_requests, 1);
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter_custom(|iters| {
+                let mut service = service.clone();
+                async move {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        send(&mut service, get_request()).await;
+                    }
+                    start.elapsed()
                 }
-                start.elapsed()
-            }
+            });
         });
-    });
-
-    // Here: `dpop/auth_layer_get`, the same GET through `AuthLayer::builder(..).dpop(..)`,
-    // measured exactly as `bearer/auth_layer_get` above, once the layer signs its requests.
+    }
 
     let signer = Dpop::generate().expect("a DPoP key");
     let uri = Uri::from_static(URI);
