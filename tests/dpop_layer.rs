@@ -461,3 +461,49 @@ async fn a_third_refusal_is_returned() {
     assert_eq!(dpop.nonce_replays(), 1);
     assert_eq!(layer.cache().stats().replays, 2);
 }
+
+/// One key behind a keyed layer that talks to two APIs: each origin's nonce is learned once and
+/// kept apart, each key's cache sends its own token as `DPoP`.
+#[tokio::test]
+async fn a_keyed_layer_signs_for_each_origin_with_its_own_nonce() {
+    let dpop = Dpop::generate().unwrap();
+    let mut servers = Vec::new();
+    for nonce in ["nonce-of-a", "nonce-of-b"] {
+        let seen = Arc::new(Seen::default());
+        *seen.nonce.lock().unwrap() = nonce.to_owned();
+        *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+        let origin = resource_server(seen.clone()).await;
+        servers.push((seen, origin));
+    }
+    let layer = AuthLayer::keyed(
+        |parts| parts.uri.authority().map(|authority| authority.to_string()),
+        |_key: &String| StaticToken::new(Token::new(TOKEN)),
+    )
+    .dpop(dpop.clone())
+    .build();
+    let service = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(http_client());
+    for round in 0..3 {
+        for (_, origin) in &servers {
+            let request = Request::get(format!("{origin}/contacts?round={round}"))
+                .body(Full::default())
+                .unwrap();
+            let response = service.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+    }
+    for (seen, origin) in &servers {
+        // The first request to each origin learns its nonce; the other two carry it.
+        assert_eq!(seen.requests.load(Ordering::SeqCst), 4, "{origin}");
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 3, "{origin}");
+        assert_eq!(seen.bad_proofs.load(Ordering::SeqCst), 0, "{origin}");
+        let uri: http::Uri = origin.parse().unwrap();
+        assert_eq!(
+            dpop.nonce(&uri).as_deref(),
+            Some(seen.nonce.lock().unwrap().as_str())
+        );
+    }
+    assert_eq!(dpop.nonce_replays(), 2);
+    assert_eq!(layer.stats().keys, 2);
+}
