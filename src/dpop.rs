@@ -445,6 +445,11 @@ mod tests {
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(segment).unwrap()).unwrap()
     }
 
+    /// The claims of a proof.
+    fn claims_of(proof: &HeaderValue) -> serde_json::Value {
+        decode_json(proof.to_str().unwrap().split('.').nth(1).unwrap())
+    }
+
     #[test]
     fn a_proof_is_a_signed_jwt_naming_the_request() {
         let dpop = Dpop::generate().unwrap();
@@ -502,22 +507,14 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..1000 {
             let proof = dpop.proof(&Method::GET, &uri, None).unwrap();
-            let claims = decode_json(proof.to_str().unwrap().split('.').nth(1).unwrap());
+            let claims = claims_of(&proof);
             assert!(claims.get("ath").is_none());
             assert!(seen.insert(claims["jti"].as_str().unwrap().to_owned()));
         }
         assert_eq!(dpop.proofs(), 1000);
         // Another instance of the same key does not repeat them.
         let twin = Dpop::new(dpop.key().clone());
-        let claims = decode_json(
-            twin.proof(&Method::GET, &uri, None)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .split('.')
-                .nth(1)
-                .unwrap(),
-        );
+        let claims = claims_of(&twin.proof(&Method::GET, &uri, None).unwrap());
         assert!(!seen.contains(claims["jti"].as_str().unwrap()));
     }
 
@@ -533,15 +530,7 @@ mod tests {
         assert!(!dpop.observe(&same_origin, &headers), "not new");
         assert_eq!(dpop.nonce(&same_origin).as_deref(), Some("n-1"));
         assert_eq!(dpop.nonce(&idp), None);
-        let claims = decode_json(
-            dpop.proof(&Method::GET, &same_origin, None)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .split('.')
-                .nth(1)
-                .unwrap(),
-        );
+        let claims = claims_of(&dpop.proof(&Method::GET, &same_origin, None).unwrap());
         assert_eq!(claims["nonce"], "n-1");
         headers.insert(DPOP_NONCE, HeaderValue::from_static("n-2"));
         assert!(dpop.observe(&api, &headers));

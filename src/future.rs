@@ -185,7 +185,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            match this.state.as_mut().project() {
+            // Both attempts end here with a response; `first` says whether a replay for a new
+            // token is still possible (the first attempt, or a replay made for a nonce).
+            let (response, first) = match this.state.as_mut().project() {
                 StateProj::WaitToken { wait, request } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
                     let (Some(request), Some(service), Some(settings)) = (
@@ -200,69 +202,23 @@ where
                         .headers_mut()
                         .insert(settings.header_name.clone(), credential.header);
                     *this.generation = credential.generation;
-                    let (parts, body) = request.into_parts();
-                    let mut parts = parts;
+                    let (mut parts, body) = request.into_parts();
                     *this.dpop =
                         proof::attach(settings, &parts.method, &parts.uri, &mut parts.headers)?;
                     let request = Request::from_parts(parts, body);
                     // `poll_ready` was answered before `call`; the service is still reserved.
                     let future = service.call(request);
                     this.state.set(State::First { future });
+                    continue;
                 }
-                StateProj::First { future } => {
-                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    let Some(settings) = this.settings.as_ref() else {
-                        return Poll::Ready(Ok(response));
-                    };
-                    // A DPoP server that wants a new nonce refused the proof, not the token:
-                    // replay with the same token.
-                    let for_nonce = proof::wants_nonce_replay(
-                        settings,
-                        this.dpop.as_deref(),
-                        *this.nonce_replayed,
-                        response.status(),
-                        response.headers(),
-                    );
-                    if for_nonce {
-                        *this.nonce_replayed = true;
-                    } else {
-                        let Some(refusal) = settings.refusal(response.status(), response.headers())
-                        else {
-                            return Poll::Ready(Ok(response));
-                        };
-                        // Only now are the challenges read: one decision, whatever they ask for.
-                        let rejection = settings.cache.answer_refusal(
-                            *this.generation,
-                            response.headers(),
-                            refusal == Refusal::Token,
-                            settings.step_up.as_deref(),
-                        );
-                        match rejection {
-                            // Not worth a new token (`insufficient_scope` without a step-up).
-                            None => return Poll::Ready(Ok(response)),
-                            // Not an expiry: a new token would be refused too.
-                            Some(Rejection::Repeated) => return Poll::Ready(Ok(response)),
-                            Some(_) => {}
-                        }
-                        *this.token_replayed = true;
-                    }
-                    let replay_ready = this.service.is_some();
-                    match start_replay(this.replay, replay_ready, settings, response.status()) {
-                        Ok(Some(next)) => {
-                            // Free the connection of the rejected attempt before the replay.
-                            drop(response);
-                            this.state.set(next.into_state(this.generation));
-                        }
-                        Ok(None) => return Poll::Ready(Ok(response)),
-                        Err(error) => return Poll::Ready(Err(error.into())),
-                    }
-                }
+                StateProj::First { future } => (ready!(future.poll(cx)).map_err(Into::into)?, true),
                 StateProj::WaitReplayToken { wait } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
                     *this.generation = credential.generation;
                     this.state.set(State::ReplayReady {
                         credential: Some(credential.header),
                     });
+                    continue;
                 }
                 StateProj::ReplayReady { credential } => {
                     let Some(service) = this.service.as_mut() else {
@@ -296,39 +252,10 @@ where
                         // Replayed for a nonce: a token rejection may still earn its replay.
                         this.state.set(State::First { future });
                     }
+                    continue;
                 }
                 StateProj::Replay { future } => {
-                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if let Some(settings) = this.settings.as_ref() {
-                        // The token replay met a nonce the server rotated meanwhile.
-                        let for_nonce = proof::wants_nonce_replay(
-                            settings,
-                            this.dpop.as_deref(),
-                            *this.nonce_replayed,
-                            response.status(),
-                            response.headers(),
-                        );
-                        if for_nonce {
-                            *this.nonce_replayed = true;
-                            let ready = this.service.is_some();
-                            match start_replay(this.replay, ready, settings, response.status()) {
-                                Ok(Some(next)) => {
-                                    drop(response);
-                                    this.state.set(next.into_state(this.generation));
-                                    continue;
-                                }
-                                Ok(None) => return Poll::Ready(Ok(response)),
-                                Err(error) => return Poll::Ready(Err(error.into())),
-                            }
-                        }
-                        if settings
-                            .refusal(response.status(), response.headers())
-                            .is_none()
-                        {
-                            settings.cache.replay_accepted(*this.generation);
-                        }
-                    }
-                    return Poll::Ready(Ok(response));
+                    (ready!(future.poll(cx)).map_err(Into::into)?, false)
                 }
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(match error.take() {
@@ -336,6 +263,59 @@ where
                         None => polled_after_completion(),
                     }));
                 }
+            };
+            let Some(settings) = this.settings.as_ref() else {
+                return Poll::Ready(Ok(response));
+            };
+            // A DPoP server that wants a new nonce refused the proof, not the token: replay
+            // with the same token.
+            let for_nonce = proof::wants_nonce_replay(
+                settings,
+                this.dpop.as_deref(),
+                *this.nonce_replayed,
+                response.status(),
+                response.headers(),
+            );
+            if for_nonce {
+                *this.nonce_replayed = true;
+            } else if first {
+                let Some(refusal) = settings.refusal(response.status(), response.headers()) else {
+                    return Poll::Ready(Ok(response));
+                };
+                // Only now are the challenges read: one decision, whatever they ask for.
+                let rejection = settings.cache.answer_refusal(
+                    *this.generation,
+                    response.headers(),
+                    refusal == Refusal::Token,
+                    settings.step_up.as_deref(),
+                );
+                match rejection {
+                    // Not worth a new token (`insufficient_scope` without a step-up).
+                    None => return Poll::Ready(Ok(response)),
+                    // Not an expiry: a new token would be refused too.
+                    Some(Rejection::Repeated) => return Poll::Ready(Ok(response)),
+                    Some(_) => {}
+                }
+                *this.token_replayed = true;
+            } else {
+                // The replay with a new token: its answer goes back whatever it says.
+                if settings
+                    .refusal(response.status(), response.headers())
+                    .is_none()
+                {
+                    settings.cache.replay_accepted(*this.generation);
+                }
+                return Poll::Ready(Ok(response));
+            }
+            let service_kept = this.service.is_some();
+            match start_replay(this.replay, service_kept, settings, response.status()) {
+                Ok(Some(next)) => {
+                    // Free the connection of the refused attempt before the replay.
+                    drop(response);
+                    this.state.set(next.into_state(this.generation));
+                }
+                Ok(None) => return Poll::Ready(Ok(response)),
+                Err(error) => return Poll::Ready(Err(error.into())),
             }
         }
     }
