@@ -15,6 +15,7 @@ pub(crate) enum Sent {}
 
 /// Sign the request, whose credential is already in its headers, if the layer sends DPoP
 /// tokens. `None` when it does not.
+#[inline]
 pub(crate) fn attach(
     settings: &AuthSettings,
     method: &Method,
@@ -34,6 +35,7 @@ pub(crate) fn attach(
 
 /// Learn the response's nonce; whether the request was refused for want of a nonce its proof
 /// did not carry, and may be replayed for it (once per request: not `already` replayed).
+#[inline]
 pub(crate) fn wants_nonce_replay(
     settings: &AuthSettings,
     sent: Option<&Sent>,
