@@ -138,6 +138,10 @@ struct RefreshState {
     /// What that 401's challenge asked the next token to have (claims, a step-up scope),
     /// consumed by the refresh that starts next.
     demand: TokenRequest,
+    /// The scope the last successful step-up asked for. Later refreshes ask for it too, so a
+    /// proactive refresh does not fall back to the narrower token and meet the challenge
+    /// again. Claims are not kept: a claims challenge is about one session event.
+    stepped_up_scope: Option<String>,
 }
 
 impl RefreshState {
@@ -867,6 +871,13 @@ impl TokenCache {
         if step_up {
             counters.step_ups.fetch_add(1, Ordering::Relaxed);
         }
+        // What a successful step-up keeps for later refreshes; a refresh for nothing in
+        // particular asks for the scope the last one won.
+        let won_scope = demand.scope().map(str::to_owned);
+        let demand = match (&state.stepped_up_scope, demand.scope()) {
+            (Some(scope), None) => demand.with_scope(scope.clone()),
+            _ => demand,
+        };
         let fetch = shared.fetch.for_request(demand.clone());
         let request = match state.rejected.take() {
             Some(rejected) => RefreshRequest::new(Some(rejected), true, skew),
@@ -895,7 +906,14 @@ impl TokenCache {
                 Err(_panic) => Err(AuthError::ProviderPanicked),
                 Ok(fetch) => call_provider(&spawner, fetch, timeout).await,
             };
-            finish_refresh(weak, outcome, requested_at, generation, after_rejection)
+            finish_refresh(
+                weak,
+                outcome,
+                requested_at,
+                generation,
+                after_rejection,
+                won_scope,
+            )
         };
         let refresh = AssertUnwindSafe(fetch_and_install)
             .catch_unwind()
@@ -995,6 +1013,7 @@ fn finish_refresh(
     requested_at: Instant,
     generation: u64,
     after_rejection: bool,
+    won_scope: Option<String>,
 ) -> RefreshOutcome {
     let Some(shared) = cache.upgrade() else {
         // Every handle to the cache is gone: nobody can use the result.
@@ -1021,6 +1040,9 @@ fn finish_refresh(
             shared.current.store(Some(entry.clone()));
             state.rejected = None;
             state.demand = TokenRequest::default();
+            if won_scope.is_some() {
+                state.stepped_up_scope = won_scope;
+            }
             state.retry_at = None;
             state.last_error = None;
             state.next_backoff = shared.config.backoff_initial;

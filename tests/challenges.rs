@@ -367,8 +367,9 @@ async fn client_credentials_sends_the_challenged_scope_and_claims() {
     let answers = burst(&service, &w.api, "/needs-claims", 1).await;
     assert!(all(&answers, StatusCode::OK, "token-3"), "{answers:?}");
     assert!(w.registry.issued_with_claims("token-3"));
-    // A claims refresh asks for the configured scope again.
-    assert_eq!(w.registry.scope_of("token-3").as_deref(), Some("read"));
+    // A claims refresh keeps the scope the step-up won (else the next write would have to
+    // step up again).
+    assert_eq!(w.registry.scope_of("token-3").as_deref(), Some("admin"));
     assert_eq!((w.idp.token_requests(), w.idp.claims_requests()), (3, 1));
 }
 
@@ -417,4 +418,28 @@ async fn decisions_are_traced_without_the_claims() {
     assert!(!text.contains("1700000000"), "the claims leaked: {text}");
     assert!(!text.contains("eyJ"), "the encoded claims leaked: {text}");
     assert!(!text.contains("token-"), "a token leaked: {text}");
+}
+
+/// A step-up sticks: the refresh that replaces the stepped-up token before it expires asks for
+/// the same scope, so the next requests do not meet the challenge (and pay a replay) again.
+#[tokio::test(start_paused = true)]
+async fn a_stepped_up_scope_is_asked_for_again_at_the_next_refresh() {
+    let _clock = manual_clock();
+    let w = world().await;
+    let layer = AuthLayer::builder(http_provider(&w.idp))
+        .step_up_to_challenged_scope()
+        .build();
+    let service = service(&layer);
+    let answers = burst(&service, &w.api, "/needs-scope", 5).await;
+    assert!(all(&answers, StatusCode::OK, "token-2"), "{answers:?}");
+
+    // Inside the last minute of the hour: the token is replaced before it is sent again.
+    advance(HOUR - Duration::from_secs(30)).await;
+    let answers = burst(&service, &w.api, "/needs-scope", 5).await;
+    assert!(all(&answers, StatusCode::OK, "token-3"), "{answers:?}");
+    assert_eq!(w.registry.scope_of("token-3").as_deref(), Some("admin"));
+    assert_eq!(w.idp.token_requests(), 3);
+    let stats = layer.cache().stats();
+    assert_eq!((stats.step_ups, stats.replays), (1, 5), "one step-up, no second round");
+    assert_eq!(w.api.requests(), 15);
 }
