@@ -368,6 +368,9 @@ impl Dpop {
         let wanted = current.is_some() && current != sent.nonce;
         if wanted {
             self.inner.nonce_replays.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                "DPoP proof refused for its nonce; replaying with the server's new one"
+            );
         }
         wanted
     }

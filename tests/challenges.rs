@@ -440,6 +440,10 @@ async fn a_stepped_up_scope_is_asked_for_again_at_the_next_refresh() {
     assert_eq!(w.registry.scope_of("token-3").as_deref(), Some("admin"));
     assert_eq!(w.idp.token_requests(), 3);
     let stats = layer.cache().stats();
-    assert_eq!((stats.step_ups, stats.replays), (1, 5), "one step-up, no second round");
+    assert_eq!(
+        (stats.step_ups, stats.replays),
+        (1, 5),
+        "one step-up, no second round"
+    );
     assert_eq!(w.api.requests(), 15);
 }
