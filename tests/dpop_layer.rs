@@ -2,9 +2,8 @@
 //! way RFC 9449 section 7 says (signature with the embedded key, `htm`, `htu`, `ath`, a fresh
 //! `jti`, the key's thumbprint, and its own nonce), driven by a real hyper-util client.
 //!
-//! The end-to-end run against the certified oidc-provider is in `tests/dpop.rs`.
+//! The end-to-end run against the certified oidc-provider is in `tests/oidc.rs`.
 
-use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,10 +16,10 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use tokio::net::TcpListener;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_auth_refresh::dpop::{access_token_hash, Dpop, DPOP, DPOP_NONCE};
+use tower_auth_refresh::dpop::{Dpop, DPOP, DPOP_NONCE};
+use tower_auth_refresh::testkit::ProofVerifier;
 use tower_auth_refresh::{AuthError, AuthLayer, StaticToken, Token};
 
 const TOKEN: &str = "bound-token-1";
@@ -32,7 +31,7 @@ struct Seen {
     accepted: AtomicUsize,
     nonce_refusals: AtomicUsize,
     bad_proofs: AtomicUsize,
-    jtis: Mutex<HashSet<String>>,
+    verifier: ProofVerifier,
     /// The nonce every proof must carry; rotated by the test.
     nonce: Mutex<String>,
     /// The thumbprint the token is bound to.
@@ -48,71 +47,42 @@ struct Seen {
     invalid_tokens: AtomicUsize,
 }
 
+impl Seen {
+    /// A server that wants `nonce` in proofs by `dpop`'s key.
+    fn for_key(dpop: &Dpop, nonce: &str) -> Arc<Self> {
+        let seen = Self::default();
+        *seen.nonce.lock().unwrap() = nonce.to_owned();
+        *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+        Arc::new(seen)
+    }
+}
+
 fn decode(segment: &str) -> Option<serde_json::Value> {
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(segment).ok()?).ok()
 }
 
-/// RFC 9449 section 4.3, in short. `Err` says what is wrong.
-fn check_proof(seen: &Seen, request: &Request<Bytes>, origin: &str) -> Result<(), &'static str> {
-    let credential = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or("no authorization")?;
-    let token = credential
+/// RFC 9449 section 4.3 by the test kit's verifier (signature, `typ`, `alg`, `htm`, `htu`,
+/// `iat`, `ath`, a fresh `jti`), then the key binding; the nonce is the server's next check.
+/// `Err` says what is wrong.
+fn check_proof(seen: &Seen, request: &Request<Bytes>, origin: &str) -> Result<(), String> {
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value: &HeaderValue| value.to_str().ok())
+    };
+    let token = header(header::AUTHORIZATION)
+        .ok_or("no authorization")?
         .strip_prefix("DPoP ")
         .ok_or("not the DPoP scheme")?;
-    let proof = request
-        .headers()
-        .get(DPOP)
-        .and_then(|v| v.to_str().ok())
-        .ok_or("no proof")?;
-    let segments: Vec<&str> = proof.split('.').collect();
-    let [head, claims, signature] = segments[..] else {
-        return Err("not a compact JWS");
-    };
-    let head = decode(head).ok_or("bad header")?;
-    let claims = decode(claims).ok_or("bad claims")?;
-    if head["typ"] != "dpop+jwt" || head["alg"] != "ES256" {
-        return Err("typ or alg");
-    }
-    let jwk = &head["jwk"];
-    let coordinate = |name: &str| {
-        jwk[name]
-            .as_str()
-            .and_then(|text| URL_SAFE_NO_PAD.decode(text).ok())
-            .ok_or("jwk")
-    };
-    let point = [vec![4u8], coordinate("x")?, coordinate("y")?].concat();
-    let signed = &proof[..proof.rfind('.').ok_or("jws")?];
-    let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| "signature")?;
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
-        .verify(signed.as_bytes(), &signature)
-        .map_err(|_| "signature does not verify")?;
-    let thumbprint_input = format!(
-        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
-        jwk["x"].as_str().unwrap_or_default(),
-        jwk["y"].as_str().unwrap_or_default()
-    );
-    let thumbprint = URL_SAFE_NO_PAD.encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        thumbprint_input.as_bytes(),
-    ));
-    if thumbprint != *seen.jkt.lock().unwrap() {
-        return Err("proof from another key");
-    }
-    if claims["htm"] != request.method().as_str() {
-        return Err("htm");
-    }
-    if claims["htu"] != format!("{origin}{}", request.uri().path()) {
-        return Err("htu");
-    }
-    if claims["ath"] != access_token_hash(token) {
-        return Err("ath");
-    }
-    let jti = claims["jti"].as_str().ok_or("jti")?.to_owned();
-    if !seen.jtis.lock().unwrap().insert(jti) {
-        return Err("replayed jti");
+    let proof = header(DPOP).ok_or("no proof")?;
+    let htu = format!("{origin}{}", request.uri().path());
+    let verified = seen
+        .verifier
+        .verify(proof, request.method(), &htu, Some(token), None)
+        .map_err(|error| format!("{error:?}"))?;
+    if verified.jkt != *seen.jkt.lock().unwrap() {
+        return Err("proof from another key".to_owned());
     }
     Ok(())
 }
@@ -214,9 +184,7 @@ fn http_client() -> HttpClient {
 
 async fn world() -> (Arc<Seen>, String, Dpop, AuthLayer) {
     let dpop = Dpop::generate().unwrap();
-    let seen = Arc::new(Seen::default());
-    *seen.nonce.lock().unwrap() = "nonce-1".to_owned();
-    *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+    let seen = Seen::for_key(&dpop, "nonce-1");
     let origin = resource_server(seen.clone()).await;
     let layer = AuthLayer::builder(StaticToken::new(Token::new(TOKEN)))
         .dpop(dpop.clone())
@@ -323,9 +291,7 @@ async fn a_relative_uri_is_a_typed_error_and_nothing_is_sent() {
 #[tokio::test]
 async fn a_request_that_waits_for_its_token_is_signed_too() {
     let dpop = Dpop::generate().unwrap();
-    let seen = Arc::new(Seen::default());
-    *seen.nonce.lock().unwrap() = "n".to_owned();
-    *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+    let seen = Seen::for_key(&dpop, "n");
     let origin = resource_server(seen.clone()).await;
     // A provider that takes a moment, so the first requests wait for the token.
     let layer = AuthLayer::builder(tower_auth_refresh::provider_fn(|| async {
@@ -365,9 +331,7 @@ fn numbered_tokens() -> impl tower_auth_refresh::TokenProvider {
 /// either order, and no more.
 async fn nonce_and_token_in_one_request(nonce_first: bool) {
     let dpop = Dpop::generate().unwrap();
-    let seen = Arc::new(Seen::default());
-    *seen.nonce.lock().unwrap() = "n1".to_owned();
-    *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+    let seen = Seen::for_key(&dpop, "n1");
     *seen.token.lock().unwrap() = Some("token-1".to_owned());
     seen.nonce_first.store(nonce_first, Ordering::SeqCst);
     let origin = resource_server(seen.clone()).await;
@@ -434,9 +398,7 @@ async fn a_revoked_token_then_a_new_nonce_cost_one_replay_each() {
 #[tokio::test]
 async fn a_third_refusal_is_returned() {
     let dpop = Dpop::generate().unwrap();
-    let seen = Arc::new(Seen::default());
-    *seen.nonce.lock().unwrap() = "n1".to_owned();
-    *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+    let seen = Seen::for_key(&dpop, "n1");
     // A token nobody is ever given: every token is refused.
     *seen.token.lock().unwrap() = Some("never".to_owned());
     seen.nonce_first.store(true, Ordering::SeqCst);
@@ -469,9 +431,7 @@ async fn a_keyed_layer_signs_for_each_origin_with_its_own_nonce() {
     let dpop = Dpop::generate().unwrap();
     let mut servers = Vec::new();
     for nonce in ["nonce-of-a", "nonce-of-b"] {
-        let seen = Arc::new(Seen::default());
-        *seen.nonce.lock().unwrap() = nonce.to_owned();
-        *seen.jkt.lock().unwrap() = dpop.key().thumbprint().to_owned();
+        let seen = Seen::for_key(&dpop, nonce);
         let origin = resource_server(seen.clone()).await;
         servers.push((seen, origin));
     }
