@@ -13,12 +13,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use super::idp::TokenRegistry;
+use super::server::serve_streaming as serve;
 use crate::ReplayBody;
 
 /// The claims `GET /needs-claims` asks for, before base64: the shape of Microsoft Entra's
@@ -625,31 +625,6 @@ pub(super) fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Fu
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
-}
-
-/// Serve `handler` over HTTP/1 and HTTP/2 on a fresh loopback port, until the runtime ends.
-pub(super) async fn serve<H, F>(handler: H) -> std::io::Result<SocketAddr>
-where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(handler);
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
 }
 
 /// A hyper-util client for plain HTTP with the body type [`AuthLayer`](crate::AuthLayer) hands

@@ -23,8 +23,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
-use super::api::{lock, respond, serve};
-use super::server::field;
+use super::api::{lock, respond};
+use super::server::{field, serve_streaming as serve};
 use crate::dpop::{DPOP, DPOP_NONCE};
 use crate::oauth2::form::urlencode;
 use crate::{AuthError, ProviderFuture, Token, TokenProvider, TokenRequest};

@@ -1,4 +1,5 @@
-//! What the emulators share: a loopback HTTP/1 server and the parsing of what reaches it.
+//! What the test kit's servers share: a loopback HTTP/1 and HTTP/2 server and the parsing of
+//! what reaches it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -6,16 +7,17 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::oauth2::form;
 
-/// Serve `handler` on a fresh loopback port until the runtime ends. Bodies are read (up to
-/// 1 MiB) before the handler sees the request.
-pub(crate) async fn serve<H>(handler: H) -> std::io::Result<SocketAddr>
+/// Serve `handler` over HTTP/1 and HTTP/2 on a fresh loopback port, until the runtime ends.
+pub(crate) async fn serve_streaming<H, F>(handler: H) -> std::io::Result<SocketAddr>
 where
-    H: Fn(Request<Bytes>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -26,26 +28,33 @@ where
             };
             let handler = handler.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: Request<_>| {
-                    let handler = handler.clone();
-                    async move {
-                        let (parts, body) = request.into_parts();
-                        let response = match Limited::new(body, 1 << 20).collect().await {
-                            Ok(body) => handler(Request::from_parts(parts, body.to_bytes())),
-                            Err(_) => {
-                                json(StatusCode::BAD_REQUEST, r#"{"error":"invalid_request"}"#)
-                            }
-                        };
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let service = hyper::service::service_fn(handler);
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
         }
     });
     Ok(addr)
+}
+
+/// [`serve_streaming`], with each body read (up to 1 MiB) before the handler sees the request.
+pub(crate) async fn serve<H>(handler: H) -> std::io::Result<SocketAddr>
+where
+    H: Fn(Request<Bytes>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+{
+    serve_streaming(move |request: Request<Incoming>| {
+        let handler = handler.clone();
+        async move {
+            let (parts, body) = request.into_parts();
+            let response = match Limited::new(body, 1 << 20).collect().await {
+                Ok(body) => handler(Request::from_parts(parts, body.to_bytes())),
+                Err(_) => json(StatusCode::BAD_REQUEST, r#"{"error":"invalid_request"}"#),
+            };
+            Ok::<_, Infallible>(response)
+        }
+    })
+    .await
 }
 
 /// A JSON answer.
