@@ -197,12 +197,11 @@ where
                     ) else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
-                    let mut request = *request;
-                    request
-                        .headers_mut()
+                    let (mut parts, body) = request.into_parts();
+                    parts
+                        .headers
                         .insert(settings.header_name.clone(), credential.header);
                     *this.generation = credential.generation;
-                    let (mut parts, body) = request.into_parts();
                     *this.dpop =
                         proof::attach(settings, &parts.method, &parts.uri, &mut parts.headers)?;
                     let request = Request::from_parts(parts, body);
